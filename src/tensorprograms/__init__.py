@@ -1,3 +1,31 @@
-"""tensorprograms: infinite-width limits of PyTorch models via Tensor Programs."""
+"""tensorprograms: infinite-width limits of PyTorch models via Tensor Programs.
+
+>>> import tensorprograms as tp
+>>> P = tp.Program()
+>>> W = P.matrix("W"); x = P.vector("x"); h = W @ x
+>>> y = P.nonlin(tp.functions.relu, h)
+>>> limit = tp.master_theorem(P)
+"""
+
+from . import functions, master, program
+from .errors import ExpectationError, ProgramError
+from .master import ProgramLimit, master_theorem
+from .program import FiniteWidthRun, Matrix, Program, Scalar, Vector, simulate
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ExpectationError",
+    "FiniteWidthRun",
+    "Matrix",
+    "Program",
+    "ProgramError",
+    "ProgramLimit",
+    "Scalar",
+    "Vector",
+    "functions",
+    "master",
+    "master_theorem",
+    "program",
+    "simulate",
+]

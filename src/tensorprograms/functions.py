@@ -1,0 +1,17 @@
+"""Named nonlinearities with closed-form Gaussian expectations (``tp.functions``)."""
+
+from .program.functions import (  # noqa: F401
+    Affine,
+    Elementwise,
+    LeakyReLU,
+    abs,
+    affine,
+    cos,
+    erf,
+    exp,
+    identity,
+    leaky_relu,
+    relu,
+    sin,
+    step,
+)

@@ -1,0 +1,161 @@
+"""Closed-form Gaussian expectations for the functions that have them.
+
+A recognised function is written as ``Σ_i c_i · base_i(z) + const`` over the bases
+``id, relu, step, erf, sin, cos, exp`` (so leaky ReLU, abs and affine maps come for
+free). For jointly Gaussian ``(u, v)`` with variances ``s1², s2²`` and covariance ``c``,
+``E[f(u) g(v)]`` expands bilinearly into base pairs, each a formula below
+(arc-cosine kernels of Cho & Saul for relu/step, Williams' arcsine for erf,
+characteristic functions for sin/cos/exp, Stein's lemma for id × anything).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..program import functions as F
+
+SQRT_2PI = math.sqrt(2 * math.pi)
+Terms = tuple[tuple[tuple[float, str], ...], float]  # ((coef, base), ...), const
+
+_BASE_OF: dict[object, str] = {
+    torch.relu: "relu",
+    torch.nn.functional.relu: "relu",
+    torch.erf: "erf",
+    torch.special.erf: "erf",
+    torch.sin: "sin",
+    torch.cos: "cos",
+    torch.exp: "exp",
+}
+
+
+def terms_of(fn: Callable | None) -> Terms | None:
+    """The basis expansion of ``fn``, or None if no closed form is known (None = identity)."""
+    if fn is None or fn is F.identity:
+        return (((1.0, "id"),), 0.0)
+    if fn is F.relu:
+        return (((1.0, "relu"),), 0.0)
+    if fn is F.step:
+        return (((1.0, "step"),), 0.0)
+    if fn is F.erf:
+        return (((1.0, "erf"),), 0.0)
+    if fn is F.sin:
+        return (((1.0, "sin"),), 0.0)
+    if fn is F.cos:
+        return (((1.0, "cos"),), 0.0)
+    if fn is F.exp:
+        return (((1.0, "exp"),), 0.0)
+    if fn is F.abs or fn is torch.abs:
+        return (((2.0, "relu"), (-1.0, "id")), 0.0)
+    if isinstance(fn, F.LeakyReLU):
+        return (((fn.slope, "id"), (1.0 - fn.slope, "relu")), 0.0)
+    if isinstance(fn, F.Affine):
+        return (((fn.scale, "id"),), fn.shift)
+    base = _BASE_OF.get(fn)
+    if base is not None:
+        return (((1.0, base),), 0.0)
+    return None
+
+
+def _mean_base(base: str, v: torch.Tensor) -> torch.Tensor | None:
+    s = v.clamp_min(0).sqrt()
+    if base in ("id", "erf", "sin"):
+        return torch.zeros_like(v)
+    if base == "relu":
+        return s / SQRT_2PI
+    if base == "step":
+        return torch.where(v > 0, 0.5, 0.0).to(v.dtype)
+    if base == "cos":
+        return torch.exp(-v / 2)
+    if base == "exp":
+        return torch.exp(v / 2)
+    return None
+
+
+def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b > 0, a / torch.where(b > 0, b, 1.0), 0.0)
+
+
+def _cross_base(b1: str, b2: str, v1, v2, c) -> torch.Tensor | None:
+    """E[b1(u) b2(v)], with Var u = v1, Var v = v2, Cov = c (broadcast shapes)."""
+    s1, s2 = v1.clamp_min(0).sqrt(), v2.clamp_min(0).sqrt()
+    rho = _safe_div(c, s1 * s2).clamp(-1.0, 1.0)
+    theta = torch.arccos(rho)
+    pair = (b1, b2)
+    if pair == ("id", "id"):
+        return c + 0 * (v1 + v2)
+    if pair == ("id", "relu"):
+        return c / 2 + 0 * v1
+    if pair == ("id", "step"):
+        return _safe_div(c, s2 * SQRT_2PI) + 0 * v1
+    if pair == ("relu", "relu"):
+        return s1 * s2 / (2 * math.pi) * (torch.sin(theta) + (math.pi - theta) * torch.cos(theta))
+    if pair == ("relu", "step"):
+        return torch.where(s2 > 0, s1 * (1 + rho) / (2 * SQRT_2PI), 0.0)
+    if pair == ("step", "step"):
+        both = (s1 > 0) & (s2 > 0)
+        return torch.where(both, (math.pi - theta) / (2 * math.pi), 0.0)
+    if pair == ("id", "erf"):
+        return c * (2 / math.sqrt(math.pi)) / torch.sqrt(1 + 2 * v2) + 0 * v1
+    if pair == ("erf", "erf"):
+        arg = 2 * c / torch.sqrt((1 + 2 * v1) * (1 + 2 * v2))
+        return (2 / math.pi) * torch.arcsin(arg.clamp(-1.0, 1.0))
+    damp = torch.exp(-(v1 + v2) / 2)
+    if pair == ("sin", "sin"):
+        return damp * torch.sinh(c)
+    if pair == ("cos", "cos"):
+        return damp * torch.cosh(c)
+    if pair in (("sin", "cos"), ("id", "cos")):
+        return torch.zeros_like(c + v1 + v2)
+    if pair == ("id", "sin"):
+        return c * torch.exp(-v2 / 2) + 0 * v1
+    if pair == ("id", "exp"):
+        return c * torch.exp(v2 / 2) + 0 * v1
+    if pair == ("exp", "exp"):
+        return torch.exp((v1 + v2) / 2 + c)
+    if pair == ("sin", "exp"):
+        return torch.exp((v2 - v1) / 2) * torch.sin(c)
+    if pair == ("cos", "exp"):
+        return torch.exp((v2 - v1) / 2) * torch.cos(c)
+    return None
+
+
+def mean(terms: Terms, var: torch.Tensor) -> torch.Tensor | None:
+    """E[f(u)] for u ~ N(0, var), or None if a base has no formula."""
+    total = torch.full_like(var, terms[1])
+    for coef, base in terms[0]:
+        m = _mean_base(base, var)
+        if m is None:
+            return None
+        total = total + coef * m
+    return total
+
+
+def cross(
+    t1: Terms, t2: Terms, v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor | None:
+    """E[f(u) g(v)] (shapes of v1, v2, c broadcast), or None if some pair has no formula."""
+    total = torch.zeros(torch.broadcast_shapes(v1.shape, v2.shape, c.shape), dtype=c.dtype)
+    for coef1, b1 in t1[0]:
+        for coef2, b2 in t2[0]:
+            val = _cross_base(b1, b2, v1, v2, c)
+            if val is None:
+                flipped = _cross_base(b2, b1, v2, v1, c)
+                if flipped is None:
+                    return None
+                val = flipped
+            total = total + coef1 * coef2 * val
+    if t1[1] != 0.0:
+        m2 = mean(t2, v2)
+        if m2 is None:
+            return None
+        total = total + t1[1] * m2
+    if t2[1] != 0.0:
+        m1 = mean(t1, v1)
+        if m1 is None:
+            return None
+        total = total + t2[1] * m1
+    # Both mean terms above include the constant product k1·k2; keep it once.
+    return total - t1[1] * t2[1]

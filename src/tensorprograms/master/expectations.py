@@ -1,0 +1,223 @@
+"""Gaussian expectations of factors, dispatched to closed forms, quadrature or Monte Carlo.
+
+``mean(f)`` is ``E[f(Z)]`` with shape ``[*F]``; ``cross(f, g)`` is ``E[f(Z) ⊗ g(Z)]`` with
+shape ``[*F_f, *F_g]``. The backend is chosen per call: a closed form when both sides
+have one, Gauss–Hermite quadrature when the Gaussian dimension is at most
+``max_quadrature_dim``, Monte Carlo (seeded, with a standard error) otherwise.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ExpectationError
+from ..program.variables import Vector
+from . import closed_form, rules
+from .factors import Factor
+
+BACKENDS = ("auto", "closed_form", "quadrature", "monte_carlo")
+
+
+@dataclass
+class Estimate:
+    """An expectation's value, its Monte Carlo standard error (None if deterministic),
+    the backend that produced it and the Gaussian dimension it integrated over."""
+
+    value: torch.Tensor
+    stderr: torch.Tensor | None
+    backend: str
+    dim: int
+
+
+class Expectations:
+    def __init__(
+        self,
+        cov: Callable[[Vector, Vector], torch.Tensor],
+        backend: str = "auto",
+        quadrature_orders: dict[int, int] | None = None,
+        max_quadrature_dim: int = 3,
+        mc_samples: int = 2**16,
+        seed: int = 0,
+        memory_budget: int = 2**23,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        if mc_samples < 2:
+            raise ValueError(f"mc_samples must be at least 2, got {mc_samples}")
+        self.cov = cov
+        self.backend = backend
+        self.orders = dict(rules.DEFAULT_ORDERS)
+        if quadrature_orders:
+            self.orders.update(quadrature_orders)
+        self.max_quadrature_dim = max_quadrature_dim
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.memory_budget = memory_budget
+
+    # ---------------------------------------------------------------- rule choice
+    def _rule(self, dim: int, key: str, closed_ok: bool) -> tuple[str, torch.Tensor, torch.Tensor]:
+        b = self.backend
+        if b == "closed_form":
+            if closed_ok:
+                return "closed_form", None, None  # type: ignore[return-value]
+            raise ExpectationError(
+                f"no closed form for {key}: closed forms exist for a single G-var under "
+                "id/relu/leaky_relu/abs/step/erf/sin/cos/exp (see tp.functions). Use "
+                "backend='auto'."
+            )
+        if closed_ok and b == "auto":
+            return "closed_form", None, None  # type: ignore[return-value]
+        if b == "quadrature" or (b == "auto" and dim <= self.max_quadrature_dim):
+            if dim > 6:
+                raise ExpectationError(
+                    f"{key} needs a {dim}-dimensional Gaussian integral; a tensor-product "
+                    "quadrature grid is too large. Use backend='auto' or 'monte_carlo'."
+                )
+            order = self.orders.get(dim, 8)
+            nodes, weights = rules.gauss_hermite(order, dim)
+            return "quadrature", nodes, weights
+        seed = (self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
+        nodes, weights = rules.monte_carlo(self.mc_samples, dim, seed)
+        return "monte_carlo", nodes, weights
+
+    # ---------------------------------------------------------------- covariance blocks
+    def _flat_block(self, f: Factor, g: Factor, i: int, j: int, paired: bool) -> torch.Tensor:
+        """Cov of leaf i of f (at index a) and leaf j of g (at index b or a)."""
+        c = self.cov(f.leaves[i], g.leaves[j]).reshape(f.leaves[i].numel, g.leaves[j].numel)
+        mi, mj = f.maps[i], g.maps[j]
+        if paired:
+            return c[mi, mj]
+        return c[mi[:, None], mj[None, :]]
+
+    # ---------------------------------------------------------------- means
+    def mean(self, f: Factor, key: str) -> Estimate:
+        if f.flat:
+            k = len(f.leaves)
+            sigma = torch.stack(
+                [torch.stack([self._flat_block(f, f, i, j, True) for j in range(k)], -1)
+                 for i in range(k)], -2,
+            )  # [K, k, k]
+            closed = f.terms is not None and closed_form.mean(f.terms, sigma[:, 0, 0]) is not None
+            backend, nodes, weights = self._rule(k, key, closed)
+            if backend == "closed_form":
+                val = closed_form.mean(f.terms, sigma[:, 0, 0])
+                return Estimate(val.reshape(f.shape), None, backend, k)
+            L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
+            out, out2 = [], []
+            rows = max(1, self.memory_budget // max(1, nodes.shape[0] * k))
+            for start in range(0, f.numel, rows):
+                sl = slice(start, start + rows)
+                z = torch.einsum("aij,qj->aqi", L[sl], nodes)
+                vals = [z[..., i] for i in range(k)]
+                y = f.run(vals, lambda t, sl=sl: t[sl][:, None])
+                y = torch.broadcast_to(y, z.shape[:-1])
+                out.append(y @ weights)
+                out2.append((y * y) @ weights)
+            return self._finish(torch.cat(out), torch.cat(out2), nodes, backend, f.shape, k)
+        return self._joint([f], key)
+
+    # ---------------------------------------------------------------- cross moments
+    def cross(self, f: Factor, g: Factor, key: str) -> Estimate:
+        if f.flat and g.flat:
+            return self._flat_cross(f, g, key)
+        return self._joint([f, g], key)
+
+    def _flat_cross(self, f: Factor, g: Factor, key: str) -> Estimate:
+        kf, kg = len(f.leaves), len(g.leaves)
+        k = kf + kg
+        ff = [[self._flat_block(f, f, i, j, True) for j in range(kf)] for i in range(kf)]
+        gg = [[self._flat_block(g, g, i, j, True) for j in range(kg)] for i in range(kg)]
+        fg = [[self._flat_block(f, g, i, j, False) for j in range(kg)] for i in range(kf)]
+        shape = (*f.shape, *g.shape)
+        if all((b == 0).all() for row in fg for b in row):
+            mf, mg = self.mean(f, key + "[left]"), self.mean(g, key + "[right]")
+            val = torch.einsum("a,b->ab", mf.value.reshape(-1), mg.value.reshape(-1))
+            se = None
+            if mf.stderr is not None or mg.stderr is not None:
+                sf = mf.stderr.reshape(-1) if mf.stderr is not None else torch.zeros(f.numel)
+                sg = mg.stderr.reshape(-1) if mg.stderr is not None else torch.zeros(g.numel)
+                se = (torch.outer(sf, mg.value.reshape(-1).abs())
+                      + torch.outer(mf.value.reshape(-1).abs(), sg)).reshape(shape)
+            backend = f"independent({mf.backend}×{mg.backend})"
+            return Estimate(val.reshape(shape), se, backend, max(mf.dim, mg.dim))
+        closed = False
+        if f.terms is not None and g.terms is not None:
+            test = closed_form.cross(f.terms, g.terms, ff[0][0][:1], gg[0][0][:1], fg[0][0][:1, :1])
+            closed = test is not None
+        backend, nodes, weights = self._rule(k, key, closed)
+        if backend == "closed_form":
+            val = closed_form.cross(
+                f.terms, g.terms, ff[0][0][:, None], gg[0][0][None, :], fg[0][0]
+            )
+            return Estimate(val.reshape(shape), None, backend, k)
+        nf, ng = f.numel, g.numel
+        q = nodes.shape[0]
+        rows = max(1, self.memory_budget // max(1, ng * q * k))
+        out, out2 = [], []
+        for start in range(0, nf, rows):
+            sl = slice(start, start + rows)
+            r = min(nf, start + rows) - start
+            sigma = torch.zeros(r, ng, k, k, dtype=torch.float64)
+            for i in range(kf):
+                for j in range(kf):
+                    sigma[..., i, j] = ff[i][j][sl][:, None]
+                for j in range(kg):
+                    sigma[..., i, kf + j] = fg[i][j][sl]
+                    sigma[..., kf + j, i] = fg[i][j][sl]
+            for i in range(kg):
+                for j in range(kg):
+                    sigma[..., kf + i, kf + j] = gg[i][j][None, :]
+            L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
+            z = torch.einsum("abij,qj->abqi", L, nodes)  # [r, ng, Q, k]
+            yf = f.run([z[..., i] for i in range(kf)], lambda t, sl=sl: t[sl][:, None, None])
+            yg = g.run([z[..., kf + j] for j in range(kg)], lambda t: t[None, :, None])
+            prod = torch.broadcast_to(yf * yg, z.shape[:-1])
+            out.append(prod @ weights)
+            out2.append((prod * prod) @ weights)
+        return self._finish(torch.cat(out), torch.cat(out2), nodes, backend, shape, k)
+
+    # ---------------------------------------------------------------- joint mode
+    def _joint(self, fs: list[Factor], key: str) -> Estimate:
+        leaves: list[Vector] = []
+        for f in fs:
+            for v in f.leaves:
+                if v not in leaves:
+                    leaves.append(v)
+        sizes = [v.numel for v in leaves]
+        dim = sum(sizes)
+        joint = torch.cat(
+            [torch.cat([self.cov(a, b).reshape(a.numel, b.numel) for b in leaves], 1)
+             for a in leaves], 0,
+        )
+        backend, nodes, weights = self._rule(dim, key, False)
+        root = rules.psd_cholesky(joint) if dim <= 6 else rules.psd_sqrt(joint)
+        q = nodes.shape[0]
+        per = max(1, self.memory_budget // max(1, sum(f.numel for f in fs) + dim))
+        acc = acc2 = None
+        for start in range(0, q, per):
+            z = nodes[start:start + per] @ root.T  # [q', D]
+            parts = torch.split(z, sizes, dim=1)
+            vals_by_leaf = {v: p.reshape(-1, *v.shape) for v, p in zip(leaves, parts, strict=False)}
+            ys = [f.run([vals_by_leaf[v] for v in f.leaves]).reshape(z.shape[0], -1) for f in fs]
+            w = weights[start:start + per]
+            if len(ys) == 1:
+                term, term2 = w @ ys[0], w @ ys[0] ** 2
+            else:
+                term = (ys[0] * w[:, None]).T @ ys[1]
+                term2 = (ys[0] ** 2 * w[:, None]).T @ ys[1] ** 2
+            acc = term if acc is None else acc + term
+            acc2 = term2 if acc2 is None else acc2 + term2
+        shape = tuple(s for f in fs for s in f.shape)
+        return self._finish(acc, acc2, nodes, backend, shape, dim)
+
+    @staticmethod
+    def _finish(m, m2, nodes, backend, shape, dim) -> Estimate:
+        se = None
+        if backend == "monte_carlo":
+            s = nodes.shape[0]
+            se = ((m2 - m * m).clamp_min(0) / (s - 1)).sqrt().reshape(shape)
+        return Estimate(m.reshape(shape), se, backend, dim)

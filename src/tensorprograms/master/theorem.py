@@ -1,0 +1,237 @@
+"""``tp.master_theorem``: the infinite-width limit of every variable of a Netsor program."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ProgramError
+from ..program import languages
+from ..program.instructions import Moment
+from ..program.program import Program
+from ..program.variables import Scalar, Var, Vector
+from . import rules
+from .expectations import Estimate, Expectations
+from .factors import Factor, FactorBuilder
+from .gaussian import GaussianBasis
+
+
+@dataclass
+class Record:
+    """How one expectation was computed (for ``limit.report()``)."""
+
+    quantity: str
+    backend: str
+    dim: int
+    max_stderr: float | None
+
+
+class ProgramLimit:
+    """The n → ∞ limit of a program (TP I's Master Theorem), computed lazily and cached.
+
+    For vectors ``x, y`` of finite shapes ``F_x, F_y`` and scalars ``θ``:
+
+    - ``second_moment(x, y)``: ``E[Z^x ⊗ Z^y]``, shape ``[*F_x, *F_y]``, the limit of
+      ``(1/n) Σ_α x_α ⊗ y_α``;
+    - ``cov(x, y)``: ``second_moment - mean ⊗ mean`` (for G-vars the same thing);
+    - ``mean(x)``: ``E[Z^x]``, shape ``[*F_x]``;
+    - ``value(θ)`` or ``limit[θ]``: the deterministic limit of a scalar, shape ``[*F_θ]``;
+    - ``sample(x, num)``: draws of ``Z^x``, shape ``[num, *F_x]``;
+    - ``stderr(...)``: the Monte Carlo standard error of an entry computed by Monte Carlo
+      (zeros where a closed form or quadrature was used). Errors are not propagated
+      through later layers; ``report()`` lists which backend produced what.
+    """
+
+    def __init__(self, program: Program, expectations: Expectations):
+        self.program = program
+        self._ex = expectations
+        self._basis = GaussianBasis(self.second_moment)
+        self._ex.cov = self._basis.cov
+        self._builder = FactorBuilder(self.value)
+        self._moments: dict[tuple[Vector, Vector], Estimate] = {}
+        self._means: dict[Vector, Estimate] = {}
+        self._scalars: dict[Scalar, Estimate] = {}
+        self._flat: dict[object, Factor | None] = {}
+        self._joint: dict[object, Factor] = {}
+        self.records: list[Record] = []
+
+    # ---------------------------------------------------------------- checks
+    def _own(self, v: Var, kind: type, what: str) -> None:
+        if not isinstance(v, Var) or v.program is not self.program:
+            raise ProgramError(f"{v!r} is not a variable of this program.")
+        if not isinstance(v, kind):
+            raise ProgramError(f"{v.name} is a {type(v).__name__}, not a {what}.")
+
+    def _record(self, quantity: str, est: Estimate) -> Estimate:
+        se = None if est.stderr is None else float(est.stderr.max())
+        self.records.append(Record(quantity, est.backend, est.dim, se))
+        return est
+
+    def _factor(self, target) -> Factor:
+        if target not in self._flat:
+            self._flat[target] = self._builder.flat(target)
+        flat = self._flat[target]
+        return flat if flat is not None else self._joint_factor(target)
+
+    def _joint_factor(self, target) -> Factor:
+        if target not in self._joint:
+            self._joint[target] = self._builder.joint(target)
+        return self._joint[target]
+
+    # ---------------------------------------------------------------- vectors
+    def _second(self, x: Vector, y: Vector) -> Estimate:
+        if (x, y) in self._moments:
+            return self._moments[(x, y)]
+        if (y, x) in self._moments:
+            e = self._moments[(y, x)]
+            nx = len(y.shape)
+            perm = list(range(nx, e.value.ndim)) + list(range(nx))
+            se = None if e.stderr is None else e.stderr.permute(*perm)
+            return Estimate(e.value.permute(*perm), se, e.backend, e.dim)
+        key = f"E[{x.name}⊗{y.name}]"
+        if x.is_gaussian and y.is_gaussian:
+            est = Estimate(self._basis.cov(x, y), None, "gaussian", 0)
+        else:
+            fx, fy = self._factor(x), self._factor(y)
+            if fx.flat != fy.flat:
+                fx, fy = self._joint_factor(x), self._joint_factor(y)
+            est = self._record(key, self._ex.cross(fx, fy, key))
+        self._moments[(x, y)] = est
+        return est
+
+    def second_moment(self, x: Vector, y: Vector | None = None) -> torch.Tensor:
+        """``E[Z^x ⊗ Z^y]``, shape ``[*F_x, *F_y]`` (y defaults to x)."""
+        y = x if y is None else y
+        self._own(x, Vector, "vector")
+        self._own(y, Vector, "vector")
+        return self._second(x, y).value
+
+    def mean(self, x: Vector) -> torch.Tensor:
+        """``E[Z^x]``, shape ``[*F_x]`` (zero for G-vars)."""
+        self._own(x, Vector, "vector")
+        if x.is_gaussian:
+            return torch.zeros(x.shape, dtype=torch.float64)
+        if x not in self._means:
+            key = f"E[{x.name}]"
+            self._means[x] = self._record(key, self._ex.mean(self._factor(x), key))
+        return self._means[x].value
+
+    def cov(self, x: Vector, y: Vector | None = None) -> torch.Tensor:
+        """``Cov(Z^x, Z^y)``, shape ``[*F_x, *F_y]``."""
+        y = x if y is None else y
+        m = self.second_moment(x, y)
+        if x.is_gaussian or y.is_gaussian:
+            return m
+        return m - torch.einsum("a,b->ab", self.mean(x).reshape(-1), self.mean(y).reshape(-1)).reshape(
+            m.shape
+        )
+
+    def stderr(self, x: Var, y: Vector | None = None) -> torch.Tensor:
+        """Monte Carlo standard error of ``second_moment(x, y)`` or of ``value(x)`` for a scalar."""
+        if isinstance(x, Scalar):
+            self.value(x)
+            e = self._scalars[x]
+        else:
+            y = x if y is None else y
+            self.second_moment(x, y)
+            e = self._second(x, y)
+        return torch.zeros_like(e.value) if e.stderr is None else e.stderr
+
+    # ---------------------------------------------------------------- scalars
+    def value(self, theta: Scalar) -> torch.Tensor:
+        """The deterministic limit of a scalar (Moment output), shape ``[*F_θ]``."""
+        self._own(theta, Scalar, "scalar")
+        if theta not in self._scalars:
+            ins = theta.instruction
+            assert isinstance(ins, Moment)
+            key = f"{theta.name}"
+            self._scalars[theta] = self._record(key, self._ex.mean(self._factor(ins), key))
+        return self._scalars[theta].value
+
+    def __getitem__(self, v: Var) -> torch.Tensor:
+        if isinstance(v, Scalar):
+            return self.value(v)
+        if isinstance(v, Vector):
+            return self.second_moment(v)
+        raise ProgramError(f"{v!r}: only vectors and scalars have limits to show")
+
+    # ---------------------------------------------------------------- samples
+    def sample(self, x: Vector, num_samples: int = 1000, seed: int = 0) -> torch.Tensor:
+        """Draws of ``Z^x``: shape ``[num_samples, *F_x]``."""
+        self._own(x, Vector, "vector")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        f = self._joint_factor(x)
+        sizes = [v.numel for v in f.leaves]
+        joint = torch.cat(
+            [torch.cat([self._basis.cov(a, b).reshape(a.numel, b.numel) for b in f.leaves], 1)
+             for a in f.leaves], 0,
+        )
+        root = rules.psd_sqrt(joint)
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(num_samples, sum(sizes), generator=gen, dtype=torch.float64) @ root.T
+        parts = torch.split(z, sizes, dim=1)
+        return f.run([p.reshape(-1, *v.shape) for v, p in zip(f.leaves, parts, strict=False)])
+
+    # ---------------------------------------------------------------- reports
+    def report(self) -> str:
+        """A table of every expectation computed so far and its backend."""
+        lines = [f"{'quantity':<28} {'backend':<34} {'dim':>3} {'max stderr':>11}"]
+        for r in self.records:
+            se = "" if r.max_stderr is None else f"{r.max_stderr:.2e}"
+            lines.append(f"{r.quantity:<28} {r.backend:<34} {r.dim:>3} {se:>11}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """Every scalar's limit and every vector's limiting second-moment matrix, as text."""
+        out = []
+        torch.set_printoptions(precision=6, sci_mode=False)
+        for v in self.program.variables:
+            if isinstance(v, Scalar):
+                out.append(f"{v.name} → {self.value(v).tolist()}")
+            elif isinstance(v, Vector):
+                out.append(f"E[Z^{v.name} Z^{v.name}ᵀ] =\n{self.second_moment(v)}")
+        return "\n".join(out)
+
+
+def master_theorem(
+    program: Program,
+    backend: str = "auto",
+    quadrature_orders: dict[int, int] | None = None,
+    max_quadrature_dim: int = 3,
+    mc_samples: int = 2**16,
+    seed: int = 0,
+) -> ProgramLimit:
+    """The infinite-width limit of a Netsor program (TP I's Master Theorem).
+
+    Args:
+        program: a :class:`tp.Program` with no transposed matrices.
+        backend: ``"auto"`` (closed form, else quadrature up to ``max_quadrature_dim``
+            Gaussian dimensions, else Monte Carlo), or force ``"closed_form"``,
+            ``"quadrature"`` or ``"monte_carlo"`` for every expectation.
+        quadrature_orders: Gauss–Hermite order per dimension, e.g. ``{1: 200, 2: 80}``.
+        mc_samples, seed: Monte Carlo sample count and seed (results are reproducible).
+
+    Returns:
+        A :class:`ProgramLimit`; nothing is computed until asked for.
+    """
+    if not isinstance(program, Program):
+        raise TypeError(f"master_theorem takes a tp.Program, got {type(program).__name__}")
+    program.validate()
+    if languages.infer(program) != "netsor":
+        bad = next(i for i in program.instructions if getattr(i, "transpose", False))
+        raise ProgramError(
+            f"instruction {bad.out.index + 1} ({bad.describe()}) uses a transposed matrix. "
+            "tp.master_theorem handles Netsor programs (no transposes); the Netsor⊤ rule "
+            "(gradients, training) is not implemented yet."
+        )
+    ex = Expectations(
+        cov=lambda a, b: None,  # replaced by the limit's Gaussian basis
+        backend=backend,
+        quadrature_orders=quadrature_orders,
+        max_quadrature_dim=max_quadrature_dim,
+        mc_samples=mc_samples,
+        seed=seed,
+    )
+    return ProgramLimit(program, ex)

@@ -1,0 +1,170 @@
+"""How user functions are called, and what is learned about them by probing.
+
+Calling convention (used everywhere: finite-width runs, the limit's samples,
+quadrature nodes): each vector argument arrives as ``(*batch, *F_i)``, the batch
+dims first (width coordinates, samples or quadrature nodes), with ``F_i`` left-padded
+by singleton dims to a common rank so that ordinary broadcasting across finite
+indices works; scalars arrive with their finite shape ``F_θ``; constants as given.
+The function must keep the batch dims and return ``(*batch, *F_out)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import ProgramError
+
+
+def common_rank(shapes: Sequence[tuple[int, ...]]) -> int:
+    return max((len(s) for s in shapes), default=0)
+
+
+def pad_finite(value: torch.Tensor, nbatch: int, shape: tuple[int, ...], rank: int) -> torch.Tensor:
+    """View ``(*batch, *shape)`` as ``(*batch, 1, …, 1, *shape)`` with ``rank`` finite dims."""
+    batch = value.shape[:nbatch]
+    return value.reshape(*batch, *([1] * (rank - len(shape))), *shape)
+
+
+def call_full(
+    fn: Callable[..., torch.Tensor],
+    vectors: Sequence[torch.Tensor],
+    vector_shapes: Sequence[tuple[int, ...]],
+    params: Sequence[Any],
+    nbatch: int,
+) -> torch.Tensor:
+    """Call ``fn`` by the convention above and return its output."""
+    param_shapes = [tuple(p.shape) for p in params if isinstance(p, torch.Tensor)]
+    rank = common_rank(list(vector_shapes) + param_shapes)
+    args = [pad_finite(v, nbatch, s, rank) for v, s in zip(vectors, vector_shapes, strict=False)]
+    return fn(*args, *params)
+
+
+def probe_output_shape(
+    fn: Callable[..., torch.Tensor],
+    vector_shapes: Sequence[tuple[int, ...]],
+    params: Sequence[Any],
+    where: str,
+) -> tuple[int, ...]:
+    """Run ``fn`` on random inputs to learn its output's finite shape.
+
+    Raises ProgramError when ``fn`` fails on tensors, returns a non-tensor, NaN on
+    standard-normal inputs, or drops the leading batch dim.
+    """
+    gen = torch.Generator().manual_seed(0)
+    outs = []
+    for batch in (2, 3):
+        vecs = [torch.randn(batch, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
+        try:
+            out = call_full(fn, vecs, vector_shapes, params, nbatch=1)
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is reported the same way
+            raise ProgramError(
+                f"{where}: the function could not be evaluated on torch tensors "
+                f"({type(exc).__name__}: {exc}). A Nonlin's function must accept tensors shaped "
+                "(*batch, *finite_shape) and return (*batch, *out_shape); wrap NumPy or math "
+                "code in torch operations."
+            ) from exc
+        if not isinstance(out, torch.Tensor):
+            raise ProgramError(
+                f"{where}: the function returned {type(out).__name__}, not a torch.Tensor. "
+                "Return a tensor shaped (*batch, *out_shape)."
+            )
+        if out.ndim < 1 or out.shape[0] != batch:
+            raise ProgramError(
+                f"{where}: the function changed the leading (width/batch) dimension: input batch "
+                f"{batch}, output shape {tuple(out.shape)}. Nonlins act coordinatewise in the width "
+                "index; reduce or mix only the trailing finite dimensions."
+            )
+        outs.append(tuple(out.shape[1:]))
+    if outs[0] != outs[1]:
+        raise ProgramError(f"{where}: the output's finite shape depends on the batch size: {outs}.")
+    return outs[0]
+
+
+def _broadcast_flat(
+    value: torch.Tensor, nbatch_shape: tuple[int, ...], shape: tuple[int, ...], out_shape
+) -> torch.Tensor:
+    rank = len(out_shape)
+    v = value.reshape(*nbatch_shape, *([1] * (rank - len(shape))), *shape)
+    return v.expand(*nbatch_shape, *out_shape).reshape(-1)
+
+
+def is_elementwise(
+    fn: Callable[..., torch.Tensor],
+    vector_shapes: Sequence[tuple[int, ...]],
+    params: Sequence[Any],
+    out_shape: tuple[int, ...],
+) -> bool:
+    """Whether ``fn`` is one scalar function applied at every finite index.
+
+    Tested by behaviour on random probes: called on flat 1-D tensors (everything
+    broadcast to the output's finite shape and flattened) it must reproduce the
+    full-shape result, change only output j when input j is perturbed, and commute
+    with a permutation. An elementwise function lets the engine compute expectations
+    pair by pair (low-dimensional Gaussians) instead of jointly over all finite indices.
+    """
+    param_shapes = [tuple(p.shape) for p in params if isinstance(p, torch.Tensor)]
+    if common_rank(list(vector_shapes) + param_shapes) > len(out_shape):
+        return False
+    gen = torch.Generator().manual_seed(1)
+    batch = 3
+    vecs = [torch.randn(batch, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
+    tparams = [
+        torch.rand(p.shape, generator=gen, dtype=torch.float64) + 0.5
+        if isinstance(p, torch.Tensor)
+        else p
+        for p in params
+    ]
+    try:
+        full = call_full(fn, vecs, vector_shapes, tparams, nbatch=1)
+        if tuple(full.shape) != (batch, *out_shape):
+            return False
+        flat_vecs = [_broadcast_flat(v, (batch,), s, out_shape) for v, s in zip(vecs, vector_shapes, strict=False)]
+        flat_params = [
+            _broadcast_flat(p.expand(batch, *p.shape), (batch,), tuple(p.shape), out_shape)
+            if isinstance(p, torch.Tensor)
+            else p
+            for p in tparams
+        ]
+        flat = fn(*flat_vecs, *flat_params)
+        if not isinstance(flat, torch.Tensor) or flat.shape != flat_vecs[0].shape:
+            return False
+        if not torch.allclose(flat, full.reshape(-1), rtol=1e-10, atol=1e-12, equal_nan=True):
+            return False
+        k = flat.numel()
+        perm = torch.randperm(k, generator=gen)
+        permuted = fn(
+            *[v[perm] for v in flat_vecs],
+            *[p[perm] if isinstance(p, torch.Tensor) else p for p in flat_params],
+        )
+        if not torch.allclose(permuted, flat[perm], rtol=1e-10, atol=1e-12, equal_nan=True):
+            return False
+        if k > 1 and flat_vecs:
+            bumped = [v.clone() for v in flat_vecs]
+            bumped[0][0] += 0.37
+            changed = fn(*bumped, *flat_params) != flat
+            if changed[1:].any():
+                return False
+    except Exception:  # noqa: BLE001 - a function that fails on flat input is simply not elementwise
+        return False
+    return True
+
+
+def check_linear(
+    fn: Callable[..., torch.Tensor], vector_shapes: Sequence[tuple[int, ...]], where: str
+) -> None:
+    """Raise ProgramError unless ``fn`` is linear (a LinComb must keep Z Gaussian)."""
+    gen = torch.Generator().manual_seed(2)
+    u = [torch.randn(2, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
+    v = [torch.randn(2, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
+    a, b = 0.7, -1.3
+    lhs = call_full(fn, [a * x + b * y for x, y in zip(u, v, strict=False)], vector_shapes, [], 1)
+    rhs = a * call_full(fn, u, vector_shapes, [], 1) + b * call_full(fn, v, vector_shapes, [], 1)
+    scale = 1.0 + rhs.abs().max().item()
+    if not torch.allclose(lhs, rhs, rtol=1e-9, atol=1e-9 * scale):
+        raise ProgramError(
+            f"{where}: the function is not linear in its inputs, so its output is not a G-var. "
+            "Use P.nonlin(...) for nonlinear maps (and note a LinComb has no constant term)."
+        )
