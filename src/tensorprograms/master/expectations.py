@@ -59,30 +59,35 @@ class Expectations:
         self.memory_budget = memory_budget
 
     # ---------------------------------------------------------------- rule choice
-    def _rule(self, dim: int, key: str, closed_ok: bool) -> tuple[str, torch.Tensor, torch.Tensor]:
+    def _rule(self, dim: int, key: str, closed_ok: bool) -> tuple[str, dict]:
+        """The backend for a ``dim``-dimensional Gaussian expectation and its settings."""
         b = self.backend
         if b == "closed_form":
             if closed_ok:
-                return "closed_form", None, None  # type: ignore[return-value]
+                return "closed_form", {}
             raise ExpectationError(
                 f"no closed form for {key}: closed forms exist for a single G-var under "
                 "id/relu/leaky_relu/abs/step/erf/sin/cos/exp (see tp.functions). Use "
                 "backend='auto'."
             )
         if closed_ok and b == "auto":
-            return "closed_form", None, None  # type: ignore[return-value]
+            return "closed_form", {}
         if b == "quadrature" or (b == "auto" and dim <= self.max_quadrature_dim):
             if dim > 6:
                 raise ExpectationError(
                     f"{key} needs a {dim}-dimensional Gaussian integral; a tensor-product "
                     "quadrature grid is too large. Use backend='auto' or 'monte_carlo'."
                 )
-            order = self.orders.get(dim, 8)
-            nodes, weights = rules.gauss_hermite(order, dim)
-            return "quadrature", nodes, weights
+            return "quadrature", {"order": self.orders.get(dim, 8)}
         seed = (self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
-        nodes, weights = rules.monte_carlo(self.mc_samples, dim, seed)
-        return "monte_carlo", nodes, weights
+        return "monte_carlo", {"samples": self.mc_samples, "seed": seed}
+
+    @staticmethod
+    def _size(dim: int, settings: dict) -> int:
+        if "samples" in settings:
+            return settings["samples"]
+        order = settings["order"]
+        return order * 4 * max(8, order // 2) if dim == 2 else (2 * order if dim == 1 else order**dim)
 
     # ---------------------------------------------------------------- covariance blocks
     def _flat_block(self, f: Factor, g: Factor, i: int, j: int, paired: bool) -> torch.Tensor:
@@ -102,22 +107,21 @@ class Expectations:
                  for i in range(k)], -2,
             )  # [K, k, k]
             closed = f.terms is not None and closed_form.mean(f.terms, sigma[:, 0, 0]) is not None
-            backend, nodes, weights = self._rule(k, key, closed)
+            backend, settings = self._rule(k, key, closed)
             if backend == "closed_form":
                 val = closed_form.mean(f.terms, sigma[:, 0, 0])
                 return Estimate(val.reshape(f.shape), None, backend, k)
             L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
             out, out2 = [], []
-            rows = max(1, self.memory_budget // max(1, nodes.shape[0] * k))
+            rows = max(1, self.memory_budget // max(1, self._size(k, settings) * k))
             for start in range(0, f.numel, rows):
                 sl = slice(start, start + rows)
-                z = torch.einsum("aij,qj->aqi", L[sl], nodes)
-                vals = [z[..., i] for i in range(k)]
-                y = f.run(vals, lambda t, sl=sl: t[sl][:, None])
+                z, w = rules.points(L[sl], backend, **settings)
+                y = f.run([z[..., i] for i in range(k)], lambda t, sl=sl: t[sl][:, None])
                 y = torch.broadcast_to(y, z.shape[:-1])
-                out.append(y @ weights)
-                out2.append((y * y) @ weights)
-            return self._finish(torch.cat(out), torch.cat(out2), nodes, backend, f.shape, k)
+                out.append((y * w).sum(-1))
+                out2.append((y * y * w).sum(-1))
+            return self._finish(torch.cat(out), torch.cat(out2), settings, backend, f.shape, k)
         return self._joint([f], key)
 
     # ---------------------------------------------------------------- cross moments
@@ -148,14 +152,14 @@ class Expectations:
         if f.terms is not None and g.terms is not None:
             test = closed_form.cross(f.terms, g.terms, ff[0][0][:1], gg[0][0][:1], fg[0][0][:1, :1])
             closed = test is not None
-        backend, nodes, weights = self._rule(k, key, closed)
+        backend, settings = self._rule(k, key, closed)
         if backend == "closed_form":
             val = closed_form.cross(
                 f.terms, g.terms, ff[0][0][:, None], gg[0][0][None, :], fg[0][0]
             )
             return Estimate(val.reshape(shape), None, backend, k)
         nf, ng = f.numel, g.numel
-        q = nodes.shape[0]
+        q = self._size(k, settings)
         rows = max(1, self.memory_budget // max(1, ng * q * k))
         out, out2 = [], []
         for start in range(0, nf, rows):
@@ -172,13 +176,13 @@ class Expectations:
                 for j in range(kg):
                     sigma[..., kf + i, kf + j] = gg[i][j][None, :]
             L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
-            z = torch.einsum("abij,qj->abqi", L, nodes)  # [r, ng, Q, k]
+            z, w = rules.points(L, backend, **settings)  # [r, ng, Q, k]
             yf = f.run([z[..., i] for i in range(kf)], lambda t, sl=sl: t[sl][:, None, None])
             yg = g.run([z[..., kf + j] for j in range(kg)], lambda t: t[None, :, None])
             prod = torch.broadcast_to(yf * yg, z.shape[:-1])
-            out.append(prod @ weights)
-            out2.append((prod * prod) @ weights)
-        return self._finish(torch.cat(out), torch.cat(out2), nodes, backend, shape, k)
+            out.append((prod * w).sum(-1))
+            out2.append((prod * prod * w).sum(-1))
+        return self._finish(torch.cat(out), torch.cat(out2), settings, backend, shape, k)
 
     # ---------------------------------------------------------------- joint mode
     def _joint(self, fs: list[Factor], key: str) -> Estimate:
@@ -193,17 +197,18 @@ class Expectations:
             [torch.cat([self.cov(a, b).reshape(a.numel, b.numel) for b in leaves], 1)
              for a in leaves], 0,
         )
-        backend, nodes, weights = self._rule(dim, key, False)
+        backend, settings = self._rule(dim, key, False)
         root = rules.psd_cholesky(joint) if dim <= 6 else rules.psd_sqrt(joint)
-        q = nodes.shape[0]
+        z_all, w_all = rules.points(root, backend, **settings)  # [Q, D], [Q]
+        q = z_all.shape[0]
         per = max(1, self.memory_budget // max(1, sum(f.numel for f in fs) + dim))
         acc = acc2 = None
         for start in range(0, q, per):
-            z = nodes[start:start + per] @ root.T  # [q', D]
+            z = z_all[start:start + per]
             parts = torch.split(z, sizes, dim=1)
             vals_by_leaf = {v: p.reshape(-1, *v.shape) for v, p in zip(leaves, parts, strict=False)}
             ys = [f.run([vals_by_leaf[v] for v in f.leaves]).reshape(z.shape[0], -1) for f in fs]
-            w = weights[start:start + per]
+            w = w_all[start:start + per]
             if len(ys) == 1:
                 term, term2 = w @ ys[0], w @ ys[0] ** 2
             else:
@@ -212,12 +217,12 @@ class Expectations:
             acc = term if acc is None else acc + term
             acc2 = term2 if acc2 is None else acc2 + term2
         shape = tuple(s for f in fs for s in f.shape)
-        return self._finish(acc, acc2, nodes, backend, shape, dim)
+        return self._finish(acc, acc2, settings, backend, shape, dim)
 
     @staticmethod
-    def _finish(m, m2, nodes, backend, shape, dim) -> Estimate:
+    def _finish(m, m2, settings, backend, shape, dim) -> Estimate:
         se = None
         if backend == "monte_carlo":
-            s = nodes.shape[0]
+            s = settings["samples"]
             se = ((m2 - m * m).clamp_min(0) / (s - 1)).sqrt().reshape(shape)
         return Estimate(m.reshape(shape), se, backend, dim)

@@ -94,7 +94,7 @@ class GaussianBasis:
                 c = c.T.reshape(h.numel, *a.shape)
                 c = la(c).reshape(h.numel, g.numel)  # map the first group: [|F_h|, |F_g|]
                 total = total + c.T
-        result = total.reshape(*g.shape, *h.shape)
+        result = total.reshape(g.shape + h.shape)
         self._cov[key] = result
         return result
 

@@ -8,9 +8,11 @@ import itertools
 import numpy as np
 import torch
 
-# Orders per dimension, from benchmarks/quadrature_accuracy.py (see docs/engine.md): smooth
-# functions reach float64 rounding well below these; ReLU-like kinks converge like order^-1.5.
-DEFAULT_ORDERS = {1: 200, 2: 80, 3: 28}
+# Orders per dimension, from benchmarks/quadrature_accuracy.py (see docs/engine.md). In 1-D and
+# 2-D the rules are split at the kinks of ReLU-like functions (z_i = 0), so these reach float64
+# rounding for relu/abs/step as for smooth functions; 3-D is a plain Gauss–Hermite grid.
+DEFAULT_ORDERS = {1: 64, 2: 64, 3: 28}
+RADIUS = 13.0  # truncation of the standard normal in the split rules: e^{-13²/2} ≈ 1e-37
 
 
 @functools.lru_cache(maxsize=32)
@@ -55,3 +57,77 @@ def psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
     """A square root A with A Aᵀ = cov for a large PSD matrix (eigendecomposition)."""
     lam, vec = torch.linalg.eigh(cov)
     return vec * lam.clamp_min(0).sqrt()
+
+
+@functools.lru_cache(maxsize=32)
+def _legendre(order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, w = np.polynomial.legendre.leggauss(order)
+    return torch.from_numpy(x), torch.from_numpy(w)
+
+
+@functools.lru_cache(maxsize=32)
+def split_line(order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D rule for N(0, 1) split at 0: Gauss–Legendre on [-R, 0] and [0, R], ``order`` nodes each.
+
+    Exact to rounding for functions smooth on each half-line (relu, abs, step, …),
+    where Gauss–Hermite converges only algebraically.
+    """
+    x, w = _legendre(order)
+    half = (x + 1) / 2 * RADIUS
+    wh = w * RADIUS / 2 * torch.exp(-half**2 / 2) / np.sqrt(2 * np.pi)
+    nodes = torch.cat([-half.flip(0), half])[:, None]
+    return nodes, torch.cat([wh.flip(0), wh])
+
+
+def polar_points(L: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D rule for z = L·(u, v), (u, v) ~ N(0, I), in polar coordinates.
+
+    The angle is split at the four rays where z_1 = 0 or z_2 = 0 (both pass through the
+    origin), Gauss–Legendre on each sector (``order // 2`` nodes) and on the radius
+    (``order`` nodes). Kinks of relu/abs/step on either coordinate fall on sector edges,
+    so these integrands are smooth on every cell. ``L``: ``[..., 2, 2]`` lower triangular.
+
+    Returns z ``[..., Q, 2]`` and weights ``[..., Q]``.
+    """
+    xr, wr = _legendre(order)
+    r = (xr + 1) / 2 * RADIUS
+    wr = wr * RADIUS / 2 * r * torch.exp(-r * r / 2) / (2 * np.pi)
+    xt, wt = _legendre(max(8, order // 2))
+    two_pi = 2 * np.pi
+    ray = torch.atan2(-L[..., 1, 0], L[..., 1, 1]) % np.pi  # z_2 = 0 along ray and ray + π
+    fixed = torch.tensor([np.pi / 2, 3 * np.pi / 2], dtype=L.dtype).expand(*L.shape[:-2], 2)
+    cuts = torch.sort(torch.cat([fixed, ray[..., None], ray[..., None] + np.pi], -1), -1).values
+    ends = torch.cat([cuts[..., 1:], cuts[..., :1] + two_pi], -1)  # [..., 4]
+    width = ends - cuts
+    theta = cuts[..., :, None] + (xt + 1) / 2 * width[..., :, None]  # [..., 4, mt]
+    wtheta = wt * width[..., :, None] / 2
+    theta = theta.reshape(*L.shape[:-2], -1)
+    wtheta = wtheta.reshape(*L.shape[:-2], -1)
+    u = r[:, None] * torch.cos(theta)[..., None, :]  # [..., mr, 4mt]
+    v = r[:, None] * torch.sin(theta)[..., None, :]
+    weights = (wr[:, None] * wtheta[..., None, :]).flatten(-2)
+    u, v = u.flatten(-2), v.flatten(-2)
+    z1 = L[..., 0, 0, None] * u
+    z2 = L[..., 1, 0, None] * u + L[..., 1, 1, None] * v
+    return torch.stack([z1, z2], -1), weights
+
+
+def points(
+    L: torch.Tensor, rule: str, order: int = 0, samples: int = 0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integration points z = L·ξ for ξ ~ N(0, I_k) and their weights.
+
+    ``L``: ``[..., k, k]``. Returns z ``[..., Q, k]`` and weights ``[Q]`` or ``[..., Q]``.
+    Rules: ``"quadrature"`` (split 1-D, polar 2-D, Gauss–Hermite grid otherwise) and
+    ``"monte_carlo"``.
+    """
+    k = L.shape[-1]
+    if rule == "monte_carlo":
+        nodes, weights = monte_carlo(samples, k, seed)
+    elif k == 1:
+        nodes, weights = split_line(order)
+    elif k == 2:
+        return polar_points(L, order)
+    else:
+        nodes, weights = gauss_hermite(order, k)
+    return torch.einsum("...ij,qj->...qi", L, nodes), weights

@@ -25,7 +25,7 @@ def common_rank(shapes: Sequence[tuple[int, ...]]) -> int:
 def pad_finite(value: torch.Tensor, nbatch: int, shape: tuple[int, ...], rank: int) -> torch.Tensor:
     """View ``(*batch, *shape)`` as ``(*batch, 1, …, 1, *shape)`` with ``rank`` finite dims."""
     batch = value.shape[:nbatch]
-    return value.reshape(*batch, *([1] * (rank - len(shape))), *shape)
+    return value.reshape(tuple(batch) + (1,) * (rank - len(shape)) + tuple(shape))
 
 
 def call_full(
@@ -87,7 +87,7 @@ def _broadcast_flat(
     value: torch.Tensor, nbatch_shape: tuple[int, ...], shape: tuple[int, ...], out_shape
 ) -> torch.Tensor:
     rank = len(out_shape)
-    v = value.reshape(*nbatch_shape, *([1] * (rank - len(shape))), *shape)
+    v = value.reshape(tuple(nbatch_shape) + (1,) * (rank - len(shape)) + tuple(shape))
     return v.expand(*nbatch_shape, *out_shape).reshape(-1)
 
 
@@ -121,7 +121,9 @@ def is_elementwise(
         full = call_full(fn, vecs, vector_shapes, tparams, nbatch=1)
         if tuple(full.shape) != (batch, *out_shape):
             return False
-        flat_vecs = [_broadcast_flat(v, (batch,), s, out_shape) for v, s in zip(vecs, vector_shapes, strict=False)]
+        flat_vecs = [
+            _broadcast_flat(v, (batch,), s, out_shape) for v, s in zip(vecs, vector_shapes, strict=False)
+        ]
         flat_params = [
             _broadcast_flat(p.expand(batch, *p.shape), (batch,), tuple(p.shape), out_shape)
             if isinstance(p, torch.Tensor)

@@ -36,7 +36,7 @@ class FiniteWidthRun:
         y = x if y is None else y
         a, b = self.values[x], self.values[y]
         m = a.shape[0]
-        return (a.reshape(m, -1).T @ b.reshape(m, -1) / m).reshape(*x.shape, *y.shape)
+        return (a.reshape(m, -1).T @ b.reshape(m, -1) / m).reshape(x.shape + y.shape)
 
 
 def _sqrt_psd(cov: torch.Tensor) -> torch.Tensor:
