@@ -1,13 +1,13 @@
 """The three languages of the Tensor Programs series and their checks.
 
 - ``netsor`` (TP I): no transposed matrices. Every G-var is Gaussian in the limit.
-- ``netsorT`` (TP II): transposes only as in backpropagation. The backward part of
-  the program is the set of vectors computed, directly or not, from some ``W.T @ y``.
-  It must (1) start from ``W.T @ y`` where ``y`` is backward or an initial vector used by
-  no forward vector instruction (a readout weight, the "last layer" of TP II),
-  (2) never feed a forward instruction ``W @ x``, and (3) be odd in the backward
-  inputs: each Nonlin with backward arguments changes sign when they all do (as
-  ``φ'(h) ⊙ dx`` does). Under these conditions the gradient-independence rule holds.
+- ``netsorT`` (TP II): transposes only as in backpropagation. Seeds are initial vectors
+  that feed some ``W.T @ y`` but no forward ``W @ x`` (readout weights, the "last layer"
+  of TP II); the backward part is the seeds, the ``W.T`` outputs and every vector computed
+  from them. The program must (1) apply ``W.T`` only to backward vectors, (2) never feed
+  a backward vector to a forward ``W @ x``, and (3) be odd in the backward inputs: each
+  Nonlin with backward arguments changes sign when they all do (as ``φ'(h) ⊙ dx`` does).
+  These are the conditions under which TP II's gradient-independence rule holds.
 - ``netsor_transpose`` (Netsor⊤, TP IV): anything, transposes used freely.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ProgramError
 from .calling import call_full
-from .instructions import Instruction, LinComb, MatMul, Moment, Nonlin
+from .instructions import Instruction, LinComb, MatMul, Nonlin
 from .variables import Scalar, Vector
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,10 +56,39 @@ def check_instruction(program: Program, ins: Instruction, i: int, language: str)
         )
 
 
+def _ancestors(program: Program, roots: list[Vector]) -> set[int]:
+    seen: set[int] = set()
+    stack = [v.index for v in roots]
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        stack.extend(v.index for v in program.instructions[i].inputs if isinstance(v, Vector))
+    return seen
+
+
 def _backward_set(program: Program) -> set[int]:
+    """Indices of backward vectors: W.T outputs, seeds, and what is computed from them.
+
+    A seed is an initial vector that feeds some ``W.T @ y`` but no forward ``W @ x``
+    (a readout weight: the backward pass starts from it).
+    """
+    ins_list = program.instructions
+    forward_inputs = [i.x for i in ins_list if isinstance(i, MatMul) and not i.transpose]
+    transposed_inputs = [i.x for i in ins_list if isinstance(i, MatMul) and i.transpose]
+    feeds_forward = _ancestors(program, forward_inputs)
+    feeds_backward = _ancestors(program, transposed_inputs)
     backward: set[int] = set()
-    for i, ins in enumerate(program.instructions):
-        if isinstance(ins, MatMul) and ins.transpose:
+    for i, ins in enumerate(ins_list):
+        out = ins.out
+        seed = (
+            isinstance(out, Vector)
+            and out.kind == "init"
+            and i in feeds_backward
+            and i not in feeds_forward
+        )
+        if seed or (isinstance(ins, MatMul) and ins.transpose):
             backward.add(i)
         elif isinstance(ins, (LinComb, Nonlin, MatMul)) and any(
             v.index in backward for v in ins.inputs if isinstance(v, Vector)
@@ -89,19 +118,14 @@ def check(program: Program, language: str) -> None:
     if language != "netsorT":
         return
     backward = _backward_set(program)
-    forward_users: set[int] = set()
-    for i, ins in enumerate(program.instructions):
-        if i not in backward and not isinstance(ins, Moment):
-            forward_users.update(v.index for v in ins.inputs if isinstance(v, Vector))
     for i, ins in enumerate(program.instructions):
         if isinstance(ins, MatMul) and ins.transpose:
             y = ins.x
-            seed = y.kind == "init" and y.index not in forward_users
-            if y.index not in backward and not seed:
+            if y.index not in backward:
                 raise ProgramError(
                     f"{_where(i, ins)}: {y.name} is a forward vector. In NetsorT a transposed "
-                    "matrix may only act on backward vectors or on a readout vector used nowhere "
-                    "in the forward pass; use 'netsor_transpose' for general programs."
+                    "matrix may only act on backward vectors (computed from a readout vector "
+                    "used nowhere in the forward pass); use 'netsor_transpose' for general programs."
                 )
         elif isinstance(ins, MatMul) and ins.x.index in backward:
             raise ProgramError(
