@@ -81,7 +81,9 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _cross_base(b1: str, b2: str, v1, v2, c) -> torch.Tensor | None:
     """E[b1(u) b2(v)], with Var u = v1, Var v = v2, Cov = c (broadcast shapes)."""
     s1, s2 = v1.clamp_min(0).sqrt(), v2.clamp_min(0).sqrt()
-    rho = _safe_div(c, s1 * s2).clamp(-1.0, 1.0)
+    # sqrt(v1·v2), not s1·s2: a vector paired with itself then gets ρ = 1 exactly, which
+    # matters because arccos amplifies rounding near ±1.
+    rho = _safe_div(c, (v1 * v2).clamp_min(0).sqrt()).clamp(-1.0, 1.0)
     theta = torch.arccos(rho)
     pair = (b1, b2)
     if pair == ("id", "id"):

@@ -59,8 +59,16 @@ class Expectations:
         self.memory_budget = memory_budget
 
     # ---------------------------------------------------------------- rule choice
-    def _rule(self, dim: int, key: str, closed_ok: bool) -> tuple[str, dict]:
-        """The backend for a ``dim``-dimensional Gaussian expectation and its settings."""
+    def _rule(
+        self, dim: int, key: str, closed_ok: bool, variance: torch.Tensor | None = None
+    ) -> tuple[str, dict]:
+        """The backend for a ``dim``-dimensional Gaussian expectation and its settings.
+
+        ``variance``: the variances involved; quadrature orders grow with the largest
+        standard deviation beyond 1.5, because integrands such as exp(z) or sin(z) vary
+        on the scale 1 in z, i.e. faster on the standard-normal grid as the variance grows
+        (benchmarks/quadrature_accuracy.py).
+        """
         b = self.backend
         if b == "closed_form":
             if closed_ok:
@@ -78,7 +86,11 @@ class Expectations:
                     f"{key} needs a {dim}-dimensional Gaussian integral; a tensor-product "
                     "quadrature grid is too large. Use backend='auto' or 'monte_carlo'."
                 )
-            return "quadrature", {"order": self.orders.get(dim, 8)}
+            order = self.orders.get(dim, 8)
+            if variance is not None and variance.numel() and dim <= 2:
+                stretch = min(4.0, max(1.0, float(variance.max().clamp_min(0).sqrt()) / 1.5))
+                order = int(round(order * stretch))
+            return "quadrature", {"order": order}
         seed = (self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)
         return "monte_carlo", {"samples": self.mc_samples, "seed": seed}
 
@@ -107,7 +119,7 @@ class Expectations:
                  for i in range(k)], -2,
             )  # [K, k, k]
             closed = f.terms is not None and closed_form.mean(f.terms, sigma[:, 0, 0]) is not None
-            backend, settings = self._rule(k, key, closed)
+            backend, settings = self._rule(k, key, closed, sigma.diagonal(dim1=-2, dim2=-1))
             if backend == "closed_form":
                 val = closed_form.mean(f.terms, sigma[:, 0, 0])
                 return Estimate(val.reshape(f.shape), None, backend, k)
@@ -152,7 +164,8 @@ class Expectations:
         if f.terms is not None and g.terms is not None:
             test = closed_form.cross(f.terms, g.terms, ff[0][0][:1], gg[0][0][:1], fg[0][0][:1, :1])
             closed = test is not None
-        backend, settings = self._rule(k, key, closed)
+        diag = torch.cat([ff[i][i] for i in range(kf)] + [gg[j][j] for j in range(kg)])
+        backend, settings = self._rule(k, key, closed, diag)
         if backend == "closed_form":
             val = closed_form.cross(
                 f.terms, g.terms, ff[0][0][:, None], gg[0][0][None, :], fg[0][0]
@@ -197,7 +210,7 @@ class Expectations:
             [torch.cat([self.cov(a, b).reshape(a.numel, b.numel) for b in leaves], 1)
              for a in leaves], 0,
         )
-        backend, settings = self._rule(dim, key, False)
+        backend, settings = self._rule(dim, key, False, joint.diagonal())
         root = rules.psd_cholesky(joint) if dim <= 6 else rules.psd_sqrt(joint)
         z_all, w_all = rules.points(root, backend, **settings)  # [Q, D], [Q]
         q = z_all.shape[0]
