@@ -50,7 +50,7 @@ class Factor:
 def broadcast_map(src: tuple[int, ...], dst: tuple[int, ...]) -> torch.Tensor:
     """For each flat index of ``dst``, the flat index of ``src`` that broadcasts to it."""
     idx = torch.arange(math.prod(src)).reshape((1,) * (len(dst) - len(src)) + tuple(src))
-    return idx.expand(*dst).reshape(-1)
+    return idx.expand(tuple(dst)).reshape(-1)
 
 
 class FactorBuilder:

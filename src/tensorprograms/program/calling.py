@@ -88,7 +88,7 @@ def _broadcast_flat(
 ) -> torch.Tensor:
     rank = len(out_shape)
     v = value.reshape(tuple(nbatch_shape) + (1,) * (rank - len(shape)) + tuple(shape))
-    return v.expand(*nbatch_shape, *out_shape).reshape(-1)
+    return v.expand(tuple(nbatch_shape) + tuple(out_shape)).reshape(-1)
 
 
 def is_elementwise(
