@@ -128,11 +128,12 @@ class Expectations:
             rows = max(1, self.memory_budget // max(1, self._size(k, settings) * k))
             for start in range(0, f.numel, rows):
                 sl = slice(start, start + rows)
-                z, w = rules.points(L[sl], backend, **settings)
-                y = f.run([z[..., i] for i in range(k)], lambda t, sl=sl: t[sl][:, None])
-                y = torch.broadcast_to(y, z.shape[:-1])
-                out.append((y * w).sum(-1))
-                out2.append((y * y * w).sum(-1))
+                z, reduce = rules.points(L[sl], backend, **settings)
+                lead = (1,) * (z[0].ndim - 1)
+                y = f.run(z, lambda t, sl=sl, lead=lead: t[sl].reshape(-1, *lead))
+                y = torch.broadcast_to(y, z[0].shape)
+                out.append(reduce(y))
+                out2.append(reduce(y * y) if backend == "monte_carlo" else out[-1])
             return self._finish(torch.cat(out), torch.cat(out2), settings, backend, f.shape, k)
         return self._joint([f], key)
 
@@ -173,29 +174,44 @@ class Expectations:
             return Estimate(val.reshape(shape), None, backend, k)
         nf, ng = f.numel, g.numel
         q = self._size(k, settings)
-        rows = max(1, self.memory_budget // max(1, ng * q * k))
-        out, out2 = [], []
-        for start in range(0, nf, rows):
-            sl = slice(start, start + rows)
-            r = min(nf, start + rows) - start
-            sigma = torch.zeros(r, ng, k, k, dtype=torch.float64)
-            for i in range(kf):
-                for j in range(kf):
-                    sigma[..., i, j] = ff[i][j][sl][:, None]
-                for j in range(kg):
-                    sigma[..., i, kf + j] = fg[i][j][sl]
-                    sigma[..., kf + j, i] = fg[i][j][sl]
-            for i in range(kg):
-                for j in range(kg):
-                    sigma[..., kf + i, kf + j] = gg[i][j][None, :]
-            L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
-            z, w = rules.points(L, backend, **settings)  # [r, ng, Q, k]
-            yf = f.run([z[..., i] for i in range(kf)], lambda t, sl=sl: t[sl][:, None, None])
-            yg = g.run([z[..., kf + j] for j in range(kg)], lambda t: t[None, :, None])
-            prod = torch.broadcast_to(yf * yg, z.shape[:-1])
-            out.append((prod * w).sum(-1))
-            out2.append((prod * prod * w).sum(-1))
-        return self._finish(torch.cat(out), torch.cat(out2), settings, backend, shape, k)
+        mc = backend == "monte_carlo"
+        # A second moment of a vector with itself is symmetric: compute tiles on and above
+        # the diagonal only.
+        symmetric = f is g
+        tile = max(1, int((self.memory_budget / max(1, q * k)) ** 0.5))
+        m1 = torch.zeros(nf, ng, dtype=torch.float64)
+        m2 = torch.zeros(nf, ng, dtype=torch.float64) if mc else m1
+        for r0 in range(0, nf, tile):
+            rows = slice(r0, min(nf, r0 + tile))
+            for c0 in range(r0 if symmetric else 0, ng, tile):
+                cols = slice(c0, min(ng, c0 + tile))
+                r, c = rows.stop - rows.start, cols.stop - cols.start
+                sigma = torch.zeros(r, c, k, k, dtype=torch.float64)
+                for i in range(kf):
+                    for j in range(kf):
+                        sigma[..., i, j] = ff[i][j][rows][:, None]
+                    for j in range(kg):
+                        sigma[..., i, kf + j] = fg[i][j][rows, cols]
+                        sigma[..., kf + j, i] = fg[i][j][rows, cols]
+                for i in range(kg):
+                    for j in range(kg):
+                        sigma[..., kf + i, kf + j] = gg[i][j][cols][None, :]
+                L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
+                z, reduce = rules.points(L, backend, **settings)  # k tensors [r, c, *Q]
+                lead = (1,) * (z[0].ndim - 2)
+                yf = f.run(z[:kf], lambda t, rows=rows, lead=lead: t[rows].reshape(-1, 1, *lead))
+                yg = g.run(z[kf:], lambda t, cols=cols, lead=lead: t[cols].reshape(1, -1, *lead))
+                prod = torch.broadcast_to(yf * yg, z[0].shape)
+                block = reduce(prod)
+                m1[rows, cols] = block
+                if symmetric:
+                    m1[cols, rows] = block.T
+                if mc:
+                    block2 = reduce(prod * prod)
+                    m2[rows, cols] = block2
+                    if symmetric:
+                        m2[cols, rows] = block2.T
+        return self._finish(m1, m2, settings, backend, shape, k)
 
     # ---------------------------------------------------------------- joint mode
     def _joint(self, fs: list[Factor], key: str) -> Estimate:
@@ -212,7 +228,7 @@ class Expectations:
         )
         backend, settings = self._rule(dim, key, False, joint.diagonal())
         root = rules.psd_cholesky(joint) if dim <= 6 else rules.psd_sqrt(joint)
-        z_all, w_all = rules.points(root, backend, **settings)  # [Q, D], [Q]
+        z_all, w_all = rules.flat_points(root, backend, **settings)  # [Q, D], [Q]
         q = z_all.shape[0]
         per = max(1, self.memory_budget // max(1, sum(f.numel for f in fs) + dim))
         acc = acc2 = None

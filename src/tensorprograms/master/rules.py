@@ -79,7 +79,7 @@ def split_line(order: int) -> tuple[torch.Tensor, torch.Tensor]:
     return nodes, torch.cat([wh.flip(0), wh])
 
 
-def polar_points(L: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
+def polar_points(L: torch.Tensor, order: int):
     """2-D rule for z = L·(u, v), (u, v) ~ N(0, I), in polar coordinates.
 
     The angle is split at the four rays where z_1 = 0 or z_2 = 0 (both pass through the
@@ -87,7 +87,9 @@ def polar_points(L: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tenso
     (``order`` nodes). Kinks of relu/abs/step on either coordinate fall on sector edges,
     so these integrands are smooth on every cell. ``L``: ``[..., 2, 2]`` lower triangular.
 
-    Returns z ``[..., Q, 2]`` and weights ``[..., Q]``.
+    Returns ``[z_1, z_2]`` (each ``[..., order, 4·order//2]``: radius × angle) and a
+    function summing a tensor of that shape against the weights (the weights are an outer
+    product, so they are never materialized at full size).
     """
     xr, wr = _legendre(order)
     r = (xr + 1) / 2 * RADIUS
@@ -99,27 +101,28 @@ def polar_points(L: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tenso
     cuts = torch.sort(torch.cat([fixed, ray[..., None], ray[..., None] + np.pi], -1), -1).values
     ends = torch.cat([cuts[..., 1:], cuts[..., :1] + two_pi], -1)  # [..., 4]
     width = ends - cuts
-    theta = cuts[..., :, None] + (xt + 1) / 2 * width[..., :, None]  # [..., 4, mt]
-    wtheta = wt * width[..., :, None] / 2
-    theta = theta.reshape(*L.shape[:-2], -1)
-    wtheta = wtheta.reshape(*L.shape[:-2], -1)
-    u = r[:, None] * torch.cos(theta)[..., None, :]  # [..., mr, 4mt]
-    v = r[:, None] * torch.sin(theta)[..., None, :]
-    weights = (wr[:, None] * wtheta[..., None, :]).flatten(-2)
-    u, v = u.flatten(-2), v.flatten(-2)
-    z1 = L[..., 0, 0, None] * u
-    z2 = L[..., 1, 0, None] * u + L[..., 1, 1, None] * v
-    return torch.stack([z1, z2], -1), weights
+    theta = (cuts[..., :, None] + (xt + 1) / 2 * width[..., :, None]).flatten(-2)
+    wtheta = (wt * width[..., :, None] / 2).flatten(-2)  # [..., 4·mt]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    a1 = L[..., 0, 0, None] * cos
+    a2 = L[..., 1, 0, None] * cos + L[..., 1, 1, None] * sin
+    z1 = r[:, None] * a1[..., None, :]
+    z2 = r[:, None] * a2[..., None, :]
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...ij,i,...j->...", values, wr, wtheta)
+
+    reduce.weights = lambda: wr[:, None] * wtheta[..., None, :]  # type: ignore[attr-defined]
+    return [z1, z2], reduce
 
 
-def points(
-    L: torch.Tensor, rule: str, order: int = 0, samples: int = 0, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def points(L: torch.Tensor, rule: str, order: int = 0, samples: int = 0, seed: int = 0):
     """Integration points z = L·ξ for ξ ~ N(0, I_k) and their weights.
 
-    ``L``: ``[..., k, k]``. Returns z ``[..., Q, k]`` and weights ``[Q]`` or ``[..., Q]``.
-    Rules: ``"quadrature"`` (split 1-D, polar 2-D, Gauss–Hermite grid otherwise) and
-    ``"monte_carlo"``.
+    ``L``: ``[..., k, k]``. Returns the k coordinates ``[z_1, …, z_k]`` (each ``[..., *Q]``,
+    Q one or two trailing node dims) and ``reduce``, which sums a ``[..., *Q]`` tensor
+    against the weights. Rules: ``"quadrature"`` (split 1-D, polar 2-D, Gauss–Hermite grid
+    otherwise) and ``"monte_carlo"``.
     """
     k = L.shape[-1]
     if rule == "monte_carlo":
@@ -130,4 +133,18 @@ def points(
         return polar_points(L, order)
     else:
         nodes, weights = gauss_hermite(order, k)
-    return torch.einsum("...ij,qj->...qi", L, nodes), weights
+    z = torch.einsum("...ij,qj->...iq", L, nodes)
+    return [z[..., i, :] for i in range(k)], lambda values: values @ weights
+
+
+def flat_points(root: torch.Tensor, rule: str, **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`points` for one ``[D, D]`` factor: points ``[Q, D]`` and weights ``[Q]``."""
+    zs, reduce = points(root, rule, **settings)
+    z = torch.stack([t.reshape(-1) for t in zs], -1)
+    if hasattr(reduce, "weights"):
+        return z, reduce.weights().reshape(-1)
+    q = z.shape[0]
+    if rule == "monte_carlo":
+        return z, torch.full((q,), 1.0 / q, dtype=z.dtype)
+    order = settings["order"]
+    return z, (split_line(order)[1] if root.shape[-1] == 1 else gauss_hermite(order, root.shape[-1])[1])
