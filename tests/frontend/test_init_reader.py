@@ -192,6 +192,21 @@ def test_rnn_and_attention_read_exactly():
     assert r["mha.out_proj.bias"].distribution == "constant" and r["mha.in_proj_bias"].means == (0.0, 0.0)
 
 
+def test_transformer_encoder_deepcopied_layers():
+    # nn.TransformerEncoder deep-copies one layer: the copies carry the original's reading
+    # (and are identical, which the source says), instead of falling back to measuring.
+    def factory(n):
+        layer = nn.TransformerEncoderLayer(n, 2, dim_feedforward=2 * n)
+        return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    r = _no_warnings(factory)
+    assert all(p.exact for p in r.values())
+    for i, n in enumerate(WIDTHS):
+        assert _close(r["layers.1.self_attn.in_proj_weight"].variances[i], 2 / (n + 3 * n))
+        assert _close(r["layers.1.linear2.weight"].variances[i], 1 / (3 * 2 * n))
+    assert "identical values" in r["layers.1.linear1.weight"].source
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rescaling_after_init_is_read_exactly(dtype):
     def factory(n):

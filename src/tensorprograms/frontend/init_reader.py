@@ -225,6 +225,20 @@ class _Recorder:
     def exact_record(self, tensor: torch.Tensor) -> _Record | None:
         return self.records.get(_view_key(tensor))
 
+    def copied_from(self, values: torch.Tensor) -> _Reading | None:
+        """The reading of a recorded sample that ``values`` equals entry for entry.
+
+        ``copy.deepcopy`` (nn.TransformerEncoder's layer clones) and ``clone`` copy
+        storage without a Tensor call we see; equality with a random sample identifies
+        the copy. The copies are then *identical*, not independent, draws.
+        """
+        for r in reversed(self.records.values()):
+            same = r.snapshot.shape == values.shape and torch.equal(r.snapshot, values)
+            if same and r.reading.variance > 0:
+                note = ", copied (identical values, not independent)"
+                return replace(r.reading, source=r.reading.source + note)
+        return None
+
     def covering(self, param: torch.Tensor) -> tuple[_Record, torch.Tensor] | None:
         """The last record whose write covers every entry of ``param``, and the
         recorded values of those entries."""
@@ -329,7 +343,10 @@ def _recording() -> Iterator[_Recorder]:
         # Patch every module global bound to an initializer, so `from torch.nn.init import
         # xavier_uniform_` (nn.MultiheadAttention, user code) is seen as the outer call.
         for mod in list(sys.modules.values()):
-            d = getattr(mod, "__dict__", None)
+            try:
+                d = vars(mod)
+            except TypeError:
+                continue
             if not isinstance(d, dict):
                 continue
             hits = [(k, v) for k, v in list(d.items()) if id(v) in originals and v is originals[id(v)][1]]
@@ -395,6 +412,9 @@ def _resolve(name: str, width: int, param: torch.Tensor, rec: _Recorder) -> tupl
         return _Reading("empty", 0.0, 0.0, "no entries"), None
     found = rec.covering(values)
     if found is None:
+        copied = rec.copied_from(values)
+        if copied is not None:
+            return copied, None
         return _unrecorded(values, "no initializer call wrote it"), None
     record, snap = found
     r = record.reading
