@@ -7,8 +7,9 @@
 >>> limit = tp.master_theorem(P)
 """
 
-from . import functions, master, program
-from .errors import ExpectationError, ProgramError
+from . import empirical, frontend, functions, master, program
+from .errors import ExpectationError, ProgramError, UnsupportedOperation, WidthError
+from .frontend import InfiniteWidthLimit, infinite_width
 from .master import ProgramLimit, master_theorem
 from .program import FiniteWidthRun, Matrix, Program, Scalar, Vector, simulate
 
@@ -16,6 +17,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExpectationError",
+    "InfiniteWidthLimit",
+    "UnsupportedOperation",
+    "WidthError",
+    "empirical",
+    "frontend",
+    "infinite_width",
     "FiniteWidthRun",
     "Matrix",
     "Program",

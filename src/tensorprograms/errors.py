@@ -13,3 +13,18 @@ class ProgramError(ValueError):
 
 class ExpectationError(RuntimeError):
     """An expectation could not be computed with the requested backend."""
+
+
+class UnsupportedOperation(NotImplementedError):
+    """The PyTorch model uses an operation the frontend has no rule for.
+
+    The message names the ATen op and the user's source line.
+    """
+
+
+class WidthError(ValueError):
+    """The model's dependence on width cannot give an infinite-width limit.
+
+    Raised for a factory whose graph does not change with width, dimensions that do not
+    grow proportionally, and initializations whose scaling makes the limit diverge.
+    """

@@ -1,3 +1,14 @@
-from .init_reader import ParamInit, fan_in_scaling, read_initialization
+"""PyTorch models to Tensor Programs: ``tp.infinite_width``."""
 
-__all__ = ["ParamInit", "fan_in_scaling", "read_initialization"]
+from .init_reader import ParamInit, fan_in_scaling, read_initialization
+from .limit import InfiniteWidthLimit, infinite_width
+from .lower import RULES
+
+__all__ = [
+    "RULES",
+    "InfiniteWidthLimit",
+    "ParamInit",
+    "fan_in_scaling",
+    "infinite_width",
+    "read_initialization",
+]

@@ -8,7 +8,8 @@ import torch
 
 from ..errors import ProgramError
 from ..program import languages
-from ..program.instructions import Moment
+from ..program.calling import call_full
+from ..program.instructions import Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Scalar, Var, Vector
 from . import rules
@@ -92,6 +93,8 @@ class ProgramLimit:
         key = f"E[{x.name}⊗{y.name}]"
         if x.is_gaussian and y.is_gaussian:
             est = Estimate(self._basis.cov(x, y), None, "gaussian", 0)
+        elif _linear_nonlin(x) is not None or _linear_nonlin(y) is not None:
+            est = self._through_linear(x, y)
         else:
             fx, fy = self._factor(x), self._factor(y)
             if fx.flat != fy.flat:
@@ -99,6 +102,28 @@ class ProgramLimit:
             est = self._record(key, self._ex.cross(fx, fy, key))
         self._moments[(x, y)] = est
         return est
+
+    def _through_linear(self, x: Vector, y: Vector) -> Estimate:
+        """E[L(u) ⊗ y] = L applied to E[u ⊗ y] for a linear Nonlin x = L(u) (gathers,
+        pooling, means over finite indices): exact, and keeps u's cheaper expectations."""
+        ins = _linear_nonlin(x)
+        if ins is None:  # y is the linear one: transpose the problem
+            e = self._through_linear(y, x)
+            ny = len(y.shape)
+            perm = list(range(ny, e.value.ndim)) + list(range(ny))
+            se = None if e.stderr is None else e.stderr.permute(*perm)
+            return Estimate(e.value.permute(*perm), se, e.backend, e.dim)
+        u = ins.xs[0]
+        inner = self._second(u, y)
+
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            # [*F_u, *F_y] -> [*F_y, *F_u] -> fn over F_u with F_y as batch -> [*F_x, *F_y]
+            t = t.reshape(u.numel, y.numel).T.reshape(y.numel, *u.shape)
+            out = call_full(ins.fn, [t], [u.shape], [], 1).reshape(y.numel, x.numel)
+            return out.T.reshape(x.shape + y.shape)
+
+        se = None if inner.stderr is None else apply(inner.stderr).abs()
+        return Estimate(apply(inner.value), se, f"linear({inner.backend})", inner.dim)
 
     def second_moment(self, x: Vector, y: Vector | None = None) -> torch.Tensor:
         """``E[Z^x ⊗ Z^y]``, shape ``[*F_x, *F_y]`` (y defaults to x)."""
@@ -112,6 +137,11 @@ class ProgramLimit:
         self._own(x, Vector, "vector")
         if x.is_gaussian:
             return torch.zeros(x.shape, dtype=torch.float64)
+        lin = _linear_nonlin(x)
+        if lin is not None and x not in self._means:
+            m = self.mean(lin.xs[0]).reshape(1, *lin.xs[0].shape)
+            value = call_full(lin.fn, [m], [lin.xs[0].shape], [], 1).reshape(x.shape)
+            self._means[x] = Estimate(value, None, "linear", 0)
         if x not in self._means:
             key = f"E[{x.name}]"
             self._means[x] = self._record(key, self._ex.mean(self._factor(x), key))
@@ -193,6 +223,11 @@ class ProgramLimit:
             elif isinstance(v, Vector):
                 out.append(f"E[Z^{v.name} Z^{v.name}ᵀ] =\n{self.second_moment(v)}")
         return "\n".join(out)
+
+
+def _linear_nonlin(v: Vector) -> Nonlin | None:
+    ins = v.instruction
+    return ins if isinstance(ins, Nonlin) and ins.linear else None
 
 
 def master_theorem(

@@ -154,6 +154,17 @@ def is_elementwise(
     return True
 
 
+def is_linear(fn: Callable[..., torch.Tensor], vector_shapes: Sequence[tuple[int, ...]]) -> bool:
+    """Whether ``fn`` is linear in its vector arguments (probed on random inputs)."""
+    try:
+        check_linear(fn, vector_shapes, "")
+    except ProgramError:
+        return False
+    except Exception:  # noqa: BLE001 - a function that fails on the probe is not known linear
+        return False
+    return True
+
+
 def check_linear(
     fn: Callable[..., torch.Tensor], vector_shapes: Sequence[tuple[int, ...]], where: str
 ) -> None:

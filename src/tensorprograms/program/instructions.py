@@ -106,6 +106,7 @@ class Nonlin(Instruction):
     params: tuple[Any, ...] = ()
     elementwise: bool = False
     label: str = ""
+    linear: bool = False  # one vector argument, no params, fn linear (a gather, a pooling)
 
     @property
     def inputs(self):

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ProgramError
 from . import languages
-from .calling import check_linear, is_elementwise, probe_output_shape
+from .calling import check_linear, is_elementwise, is_linear, probe_output_shape
 from .functions import function_name
 from .instructions import (
     InitMatrix,
@@ -352,7 +352,8 @@ class Program:
         if elementwise is None:
             elementwise = is_elementwise(fn, shapes, probe_ps, out_shape)
         out = Vector(self, self._fresh(name, "x"), out_shape, vecs[0].ratio, "H")
-        ins = Nonlin(out, fn, tuple(vecs), tuple(ps), bool(elementwise))
+        linear = len(vecs) == 1 and not ps and not elementwise and is_linear(fn, shapes)
+        ins = Nonlin(out, fn, tuple(vecs), tuple(ps), bool(elementwise), linear=linear)
         return self._append(ins)  # type: ignore[return-value]
 
     def moment(
