@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tp_mup_models import CNN, MHALM, TinyLM, mlp
+from tp_mup_models import CNN, MHALM, ExplicitLM, TinyLM, mlp
 
 import tensorprograms.mup as mup
 
@@ -158,6 +158,30 @@ def test_multihead_attention_logits() -> None:
     torch.testing.assert_close(weights[0], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("style", ["div", "mul"])
+def test_hand_written_attention(style: str) -> None:
+    factory = partial(ExplicitLM, style=style)
+    torch.manual_seed(0)
+    model = mup.parametrize(factory, 64, 16, example_inputs=TOK)
+    h = model.embed(TOK)
+    d, d_base = 16, 4  # head dims at width 64 and 16, 4 heads
+    q, k, v = (z.view(4, 8, 4, d).transpose(1, 2) for z in model.qkv(h).chunk(3, -1))
+    att = torch.softmax(q @ k.transpose(-2, -1) * math.sqrt(d_base) / d, dim=-1) @ v
+    want = model.readout(h + att.transpose(1, 2).reshape(4, 8, 64))
+    torch.testing.assert_close(model(TOK), want, rtol=1e-5, atol=1e-6)
+    # and at base width nothing changes
+    torch.manual_seed(0)
+    ref = factory(16)
+    torch.manual_seed(0)
+    same = mup.parametrize(factory, 16, 16, example_inputs=TOK)
+    assert torch.equal(ref(TOK), same(TOK))
+
+
+def test_hand_written_attention_needs_example_inputs() -> None:
+    with pytest.raises(mup.MupError, match="hand-written attention.*example_inputs"):
+        mup.parametrize(ExplicitLM, 64, 16)
+
+
 def test_sdpa_without_example_inputs_is_an_error() -> None:
     with pytest.raises(mup.MupError, match="pass example_inputs=.*1/d"):
         mup.parametrize(TinyLM, 64, 32)
@@ -277,3 +301,31 @@ def test_width_not_proportional() -> None:
 
     with pytest.raises(mup.MupError, match="size 25 .* not 24 = width/base_width"):
         mup.parametrize(factory, 24, 16)
+
+
+def test_meanfield_trains_exactly_like_mup_with_sgd() -> None:
+    # MF is μP shifted by the abc symmetry: same function, same SGD trajectory.
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+    models = []
+    for name in ("mup", "meanfield"):
+        torch.manual_seed(3)
+        models.append(mup.parametrize(mlp, 128, 16, name).double())
+    opts = [mup.SGD(m, lr=0.5) for m in models]
+    for _ in range(3):
+        outs = [m(x) for m in models]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+        for o, f in zip(opts, outs, strict=True):
+            o.zero_grad()
+            F.cross_entropy(f, y).backward()
+            o.step()
+
+
+def test_ntk_lr_factors() -> None:
+    model = mup.parametrize(mlp, 64, 16, "ntk")
+    lr = {id(p): g["lr"] for g in mup.SGD(model, lr=1.0).param_groups for p in g["params"]}
+    # NTP: hidden and readout weights carry n^-1/2 multipliers, so their folded SGD
+    # learning rate falls like 1/m; input weights and biases keep theirs.
+    assert lr[id(model[0].weight)] == 1.0 and lr[id(model[2].bias)] == 1.0
+    assert lr[id(model[2].weight)] == pytest.approx(0.25)
+    assert lr[id(model[6].weight)] == pytest.approx(0.25)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,3 +84,26 @@ class MHALM(nn.Module):
         h = self.embed(tokens)
         a, _ = self.attn(h, h, h)
         return self.readout(h + a)
+
+
+class ExplicitLM(nn.Module):
+    """Attention written out by hand, with the usual 1/sqrt(d) division."""
+
+    def __init__(self, width: int, vocab: int = 32, heads: int = 4, style: str = "div") -> None:
+        super().__init__()
+        self.heads, self.style = heads, style
+        self.embed = nn.Embedding(vocab, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.readout = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        b, t, n = h.shape
+        d = n // self.heads
+        q, k, v = (z.view(b, t, self.heads, d).transpose(1, 2) for z in self.qkv(h).chunk(3, -1))
+        if self.style == "div":
+            logits = q @ k.transpose(-2, -1) / math.sqrt(d)
+        else:
+            logits = d**-0.5 * torch.matmul(q, k.transpose(-2, -1))
+        a = torch.softmax(logits, dim=-1) @ v
+        return self.readout(h + a.transpose(1, 2).reshape(b, t, n))

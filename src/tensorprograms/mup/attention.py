@@ -6,8 +6,9 @@ section 4). At ``base_width`` nothing must change, so the logits are multiplied 
 
 Detection: ``nn.MultiheadAttention`` modules are found statically; calls to
 ``torch.nn.functional.scaled_dot_product_attention`` and
-``torch.nn.functional.multi_head_attention_forward`` are recorded by running the
-model at base width and at the target width on example inputs under a
+``torch.nn.functional.multi_head_attention_forward``, and hand-written logits
+(``(q @ k.transpose(-2, -1)) / math.sqrt(d)`` or ``* d ** -0.5``) are recorded by
+running the model at base width and at the target width on example inputs under a
 ``TorchFunctionMode``, and aligned call by call.
 
 At run time a forward pre-hook on each module that runs attention (an
@@ -43,10 +44,56 @@ def _mha_head_dim(args: tuple, kwargs: dict) -> int:
     return int(embed_dim) // int(heads)
 
 
+_MATMULS = (torch.matmul, torch.bmm, torch._C.TensorBase.matmul, torch._C.TensorBase.bmm)
+_DIVS = (torch.div, torch.true_divide, torch._C.TensorBase.div)
+_MULS = (torch.mul, torch._C.TensorBase.mul)
+
+
+class _Explicit:
+    """Finds logits written out by hand: ``(q @ k^T) / sqrt(d)`` or ``* d**-0.5``.
+
+    A batched matmul contracting a dimension of size d tags its result; a later
+    division of a tagged tensor by sqrt(d) (or multiplication by 1/sqrt(d)) is the
+    attention's scaling.
+    """
+
+    def __init__(self) -> None:
+        self.tags: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def after(self, func: Any, args: tuple, out: Any) -> None:
+        if func in _MATMULS and len(args) >= 2:
+            a, b = args[0], args[1]
+            if (
+                isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dim() >= 3 and b.dim() >= 3 and a.shape[-1] == b.shape[-2]
+            ):
+                self.tags[id(out)] = (int(a.shape[-1]), out)
+
+    def match(self, func: Any, args: tuple) -> tuple[int, int, str] | None:
+        """(head dim, index of the scalar argument, "div" | "mul") or None."""
+        if len(args) != 2:
+            return None
+        if func in _DIVS and isinstance(args[1], (int, float)):
+            t, i, kind = args[0], 1, "div"
+        elif func in _MULS and isinstance(args[1], (int, float)):
+            t, i, kind = args[0], 1, "mul"
+        elif func in _MULS and isinstance(args[0], (int, float)):
+            t, i, kind = args[1], 0, "mul"
+        else:
+            return None
+        tag = self.tags.get(id(t))
+        if tag is None or tag[1] is not t:
+            return None
+        d, s = tag[0], float(args[i])
+        want = math.sqrt(d) if kind == "div" else 1.0 / math.sqrt(d)
+        return (d, i, kind) if math.isclose(s, want, rel_tol=1e-6) else None
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: list[tuple[str, int]] = []
+        self.explicit = _Explicit()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         kwargs = kwargs or {}
@@ -54,7 +101,13 @@ class _Recorder(TorchFunctionMode):
             self.calls.append(("sdpa", int(args[0].shape[-1])))
         elif func is _MHA:
             self.calls.append(("mha", _mha_head_dim(args, kwargs)))
-        return func(*args, **kwargs)
+        else:
+            hit = self.explicit.match(func, args)
+            if hit is not None:
+                self.calls.append(("explicit", hit[0]))
+        out = func(*args, **kwargs)
+        self.explicit.after(func, args, out)
+        return out
 
 
 def record(model: nn.Module, example_inputs: Any) -> list[tuple[str, int]]:
@@ -116,8 +169,20 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def uses_functional_attention(model: nn.Module) -> bool:
-    """Whether some module's ``forward`` source calls scaled_dot_product_attention."""
-    return any(not isinstance(m, nn.MultiheadAttention) for m in attention_modules(model))
+    """Whether some module's ``forward`` source calls scaled_dot_product_attention or
+    looks like hand-written attention (a matmul and a square root)."""
+    if any(not isinstance(m, nn.MultiheadAttention) for m in attention_modules(model)):
+        return True
+    for cls in {type(m) for m in model.modules()}:
+        if cls.__module__.startswith("torch."):
+            continue
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if ("@" in src or "matmul" in src or "bmm" in src) and ("sqrt" in src or "**" in src):
+            return True
+    return False
 
 
 class AttentionScaler(TorchFunctionMode):
@@ -126,10 +191,18 @@ class AttentionScaler(TorchFunctionMode):
     def __init__(self, table: dict[int, float]) -> None:
         super().__init__()
         self.table = table
+        self.explicit = _Explicit()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
         kwargs = dict(kwargs or {})
-        if func is _SDPA:
+        hit = self.explicit.match(func, args)
+        if hit is not None and hit[0] in self.table:
+            d, i, kind = hit
+            f = self.table[d]
+            s = float(args[i])
+            args = tuple((s / f if kind == "div" else s * f) if j == i else a
+                         for j, a in enumerate(args))
+        elif func is _SDPA:
             d = int(args[0].shape[-1])
             f = self.table.get(d)
             if f is not None:
@@ -139,7 +212,9 @@ class AttentionScaler(TorchFunctionMode):
             f = self.table.get(_mha_head_dim(args, kwargs))
             if f is not None:
                 args, kwargs = _scale_mha_query(args, kwargs, f)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.explicit.after(func, args, out)
+        return out
 
 
 _MHA_PARAMS = inspect.signature(_MHA).parameters

@@ -92,17 +92,24 @@ def _check_width(model: nn.Module, infos: dict[str, shapes.ParamInfo], m: float,
 def _attention(factory: shapes.Factory, base_width: int, model: nn.Module, example: Any):
     with torch.random.fork_rng(devices=[]):
         base = shapes._build(factory, base_width)
+    explicit = False
     if example is not None:
         with torch.random.fork_rng(devices=[]):
             calls_base = attention.record(base, example)
-            table = attention.factors(calls_base, attention.record(model, example))
+            calls = attention.record(model, example)
+            table = attention.factors(calls_base, calls)
+        explicit = any(kind == "explicit" for kind, _ in calls)
     else:
         if attention.uses_functional_attention(model):
             raise MupError(
-                "the model calls scaled_dot_product_attention in its forward; pass "
-                "example_inputs=... to tp.mup.parametrize so the head dimension of each "
-                "call can be read off a forward pass and its logits scaled by 1/d"
+                "the model's forward calls scaled_dot_product_attention or looks like "
+                "hand-written attention (a matmul and a sqrt); pass example_inputs=... to "
+                "tp.mup.parametrize so the head dimension of each attention can be read "
+                "off a forward pass and its logits scaled by 1/d"
             )
         table = attention.static_factors(base, model)
     if table:
-        attention.install(attention.attention_modules(model) or [model], table)
+        # Hand-written attention is only recognisable op by op, so its scaler must be
+        # active for the whole forward: hook the root.
+        where = [model] if explicit else attention.attention_modules(model) or [model]
+        attention.install(where, table)
