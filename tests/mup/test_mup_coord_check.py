@@ -38,41 +38,28 @@ def _run(case: str, opt: str, param: str) -> mup.CoordCheckResult:
     )
 
 
-FULL = [(c, o) for c in CASES for o in ("sgd", "adam") if (c, o) != ("transformer-tied", "sgd")]
-
-
-@pytest.mark.parametrize("case, opt", FULL)
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("case", list(CASES))
 def test_mup_is_width_independent(case: str, opt: str) -> None:
     res = _run(case, opt, "mup")
     print(res.summary())
-    skip: tuple[str, ...] = ()
+    # Documented exemptions (docs/mup.md), each asserted one-sided: the quantity must
+    # not grow with width, only its decay is excused.
+    excused: set[tuple[str, str]] = set()
     if case.startswith("transformer") and opt == "sgd":
         # With SGD the first updates of queries and keys vanish like width^-1/2 in μP:
         # at init the value/readout paths are uncorrelated with the logit gradient, so
-        # d(loss)/d(logit) is a sum of n uncorrelated terms of size 1/n. They must not
-        # grow, and their sizes must stay put.
-        skip = ("block.q", "block.k")
-        for name in skip:
-            for t in range(3):
-                assert abs(res.slope(name, t)) <= res.tolerance
-            assert res.slope(name, 1, change=True) <= res.tolerance
-    assert res.passed(skip), res.summary()
+        # d(loss)/d(logit) is a sum of n uncorrelated terms of size 1/n.
+        excused |= {("block.q", "change"), ("block.k", "change")}
+    if case == "transformer-tied":
+        # The tied readout's first change carries a term E_v . E_tok / m that vanishes
+        # like width^-1/2 and is still sizeable at these widths: measured slope -0.10.
+        excused |= {("", "change"), ("readout", "change")}
+    bad = res.failures()
+    assert [f for f in bad if (f[0], f[1]) not in excused] == [], res.summary()
+    assert all(f[3] <= res.tolerance for f in bad), res.summary()
     # The check must be able to see a change: features at base width did move.
     assert res.changes[:, 1:, 0].max() > 1e-3
-
-
-def test_mup_tied_transformer_sgd_is_stable() -> None:
-    # Known gap (docs/mup.md): with SGD and a tied embedding/readout, the μP block
-    # outputs at step 2 shrink slowly with width (fitted slopes about -0.13 at widths
-    # 256..2048) and the output's first change has slope -0.10 at 128..1024, just
-    # outside the issue's +-0.1. Not understood yet, so only what holds is asserted:
-    # nothing grows with width, and sizes at init and after one step are flat.
-    res = _run("transformer-tied", "sgd", "mup")
-    print(res.summary())
-    assert (res.slopes <= res.tolerance).all()
-    assert (res.change_slopes[:, 1:] <= res.tolerance).all()
-    hidden = [i for i, h in enumerate(res.hidden) if h]
-    assert (abs(res.slopes[hidden, :2]) <= res.tolerance).all()
 
 
 @pytest.mark.parametrize("opt", ["sgd", "adam"])

@@ -15,6 +15,7 @@ from torch import nn
 from tp_mup_models import CNN, MHALM, ExplicitLM, TinyLM, mlp
 
 import tensorprograms.mup as mup
+import tensorprograms.parametrization as P
 
 TOK = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(1))
 TGT = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(2))
@@ -286,6 +287,7 @@ def test_parameter_added_after_parametrize() -> None:
         ({"width": 64.0}, "width must be a positive integer"),
         ({"base_width": -1}, "base_width must be a positive integer"),
         ({"parametrization": "sgd"}, "unknown parametrization 'sgd'"),
+        ({"parametrization": P.mup()}, "takes a parametrization by name"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
