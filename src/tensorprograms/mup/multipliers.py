@@ -8,8 +8,8 @@
 * A root buffer ``tp_mup_meta``: ``[width, base_width]``.
 
 Plain buffers survive ``state_dict``/``load_state_dict``, ``torch.save``/``load``,
-``copy.deepcopy`` and wrappers that keep the original modules (``DataParallel``,
-``DistributedDataParallel``, FSDP with ``use_orig_params=True``).
+``copy.deepcopy`` and wrappers that keep the original modules (``DataParallel`` is
+tested; DDP and FSDP with ``use_orig_params=True`` should work the same way, untested).
 """
 
 from __future__ import annotations
