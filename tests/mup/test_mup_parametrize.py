@@ -331,3 +331,11 @@ def test_ntk_lr_factors() -> None:
     assert lr[id(model[0].weight)] == 1.0 and lr[id(model[2].bias)] == 1.0
     assert lr[id(model[2].weight)] == pytest.approx(0.25)
     assert lr[id(model[6].weight)] == pytest.approx(0.25)
+
+
+def test_architecture_differs_at_target_width() -> None:
+    def factory(w: int) -> nn.Module:
+        return mlp(w, depth=3 if w % 16 == 0 else 2)
+
+    with pytest.raises(mup.MupError, match="same architecture at every width"):
+        mup.parametrize(factory, 24, 16)

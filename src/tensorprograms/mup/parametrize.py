@@ -78,6 +78,13 @@ def parametrize(
 
 
 def _check_width(model: nn.Module, infos: dict[str, shapes.ParamInfo], m: float, width: int):
+    names = [n for n, _ in model.named_parameters()]
+    if names != list(infos):
+        raise MupError(
+            f"factory({width}) has parameters {sorted(set(names) ^ set(infos))[:5]} that the "
+            "base-width model lacks (or vice versa); the factory must build the same "
+            "architecture at every width, changing only sizes"
+        )
     for pname, p in model.named_parameters():
         info = infos[pname]
         for d in info.infinite:
