@@ -114,10 +114,11 @@ class CoordCheckResult:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
 
         steps = self.sizes.shape[1]
         fig, axes = plt.subplots(
-            2, steps, figsize=(3.2 * steps, 6.0), sharey="row", squeeze=False
+            2, steps, figsize=(3.2 * steps, 6.0), squeeze=False
         )
         for row, (arr, label) in enumerate(
             ((self.sizes, "mean |h|"), (self.changes, "mean |h_t - h_0|"))
@@ -131,6 +132,8 @@ class CoordCheckResult:
                     ax.loglog(self.widths, arr[i, t], marker="o", ms=3, label=name or "<root>")
                 ax.set_title(f"step {t}")
                 ax.set_xlabel("width")
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+                ax.set_xticks(self.widths, [str(w) for w in self.widths])
             axes[row, 0 if row == 0 else min(1, steps - 1)].set_ylabel(label)
         axes[0, -1].legend(fontsize=6, loc="best")
         fig.suptitle(f"{self.parametrization} / {self.optimizer}")
