@@ -339,3 +339,22 @@ def test_architecture_differs_at_target_width() -> None:
 
     with pytest.raises(mup.MupError, match="same architecture at every width"):
         mup.parametrize(factory, 24, 16)
+
+
+def test_example_forward_leaves_buffers_alone() -> None:
+    class WithBN(nn.Module):
+        def __init__(self, w: int) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(32, w)
+            self.bn = nn.BatchNorm1d(8)
+            self.block = TinyLM(w).block
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.block(self.bn(self.embed(t)))
+
+    torch.manual_seed(0)
+    ref = WithBN(32)
+    torch.manual_seed(0)
+    ours = mup.parametrize(WithBN, 32, 32, example_inputs=TOK)
+    assert torch.equal(ours.bn.running_mean, ref.bn.running_mean)
+    assert int(ours.bn.num_batches_tracked) == 0

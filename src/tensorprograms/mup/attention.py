@@ -114,8 +114,17 @@ def record(model: nn.Module, example_inputs: Any) -> list[tuple[str, int]]:
     """The attention calls of one forward pass: ``[(kind, head_dim), ...]``."""
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     rec = _Recorder()
-    with torch.no_grad(), rec:
-        model(*inputs)
+    # A train-mode forward updates buffers (BatchNorm running statistics); the model
+    # must come out exactly as the factory built it.
+    saved = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        with torch.no_grad(), rec:
+            model(*inputs)
+    finally:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in saved:
+                    b.copy_(saved[n])
     return rec.calls
 
 
