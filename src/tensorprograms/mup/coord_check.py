@@ -235,26 +235,31 @@ def coord_check(
     shapes_seen: dict[tuple[str, int], tuple[int, ...]] = {}
     infos = infer(factory, base)
     jobs = [(wi, w, s) for wi, w in enumerate(widths) for s in range(seeds)]
-    for wi, w, s in tqdm(jobs, desc="coord check", disable=not progress):
-        torch.manual_seed(s)
-        model = parametrize(factory, w, base, parametrization, example_inputs=xs, shapes_info=infos)
-        chosen = [(n, m) for n, m in model.named_modules() if modules is None or modules(n, m)]
-        if names is None:
-            names = [n for n, _ in chosen]
-        rec = _Recorder(sizes, changes, shapes_seen, wi, s)
-        handles = []
-        for n, m in chosen:
-            handles.append(m.register_forward_hook(rec.hook(n)))
-        opt = make_opt(model, lr=lr)
-        for t in range(steps):
-            rec.step = t
-            opt.zero_grad()
-            loss = loss_fn(model(*xs), y)
-            if t < steps - 1:
-                loss.backward()
-                opt.step()
-        for h in handles:
-            h.remove()
+    with torch.random.fork_rng(devices=[]):  # seeds below must not leak to the caller
+        for wi, w, s in tqdm(jobs, desc="coord check", disable=not progress):
+            torch.manual_seed(s)
+            model = parametrize(
+                factory, w, base, parametrization, example_inputs=xs, shapes_info=infos
+            )
+            chosen = [
+                (n, m) for n, m in model.named_modules() if modules is None or modules(n, m)
+            ]
+            if names is None:
+                names = [n for n, _ in chosen]
+            rec = _Recorder(sizes, changes, shapes_seen, wi, s)
+            handles = []
+            for n, m in chosen:
+                handles.append(m.register_forward_hook(rec.hook(n)))
+            opt = make_opt(model, lr=lr)
+            for t in range(steps):
+                rec.step = t
+                opt.zero_grad()
+                loss = loss_fn(model(*xs), y)
+                if t < steps - 1:
+                    loss.backward()
+                    opt.step()
+            for h in handles:
+                h.remove()
     assert names is not None
     names = [n for n in names if (n, 0, 0) in sizes]
 
