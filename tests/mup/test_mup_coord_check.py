@@ -98,3 +98,19 @@ def test_bad_input(kwargs: dict, match: str) -> None:
     args = {"factory": mlp, "widths": [32, 64], "data": MLP_DATA, **kwargs}
     with pytest.raises(mup.MupError, match=match):
         mup.coord_check(**args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "transformer"])
+def test_mup_wide(case: str, opt: str) -> None:
+    # The same criterion at widths 256..2048 (the transformer's q/k exemption as above).
+    factory, data, _, lrs = CASES[case]
+    res = mup.coord_check(
+        factory, [256, 512, 1024, 2048], data, steps=3, optimizer=opt, lr=lrs[opt], seeds=2
+    )
+    print(res.summary())
+    skip = ("block.q", "block.k") if case == "transformer" and opt == "sgd" else ()
+    bad = res.failures()
+    assert [f for f in bad if not (f[0] in skip and f[1] == "change")] == [], res.summary()
+    assert all(f[3] <= res.tolerance for f in bad)
