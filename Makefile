@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench clean mup-transfer mup-coord-check
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/quadrature_accuracy.py
+
+mup-transfer: $(STAMP)
+	$(PY) examples/mup_transfer.py --threads 1 --seeds 2 --out out/mup_transfer_adam
+
+mup-coord-check: $(STAMP)
+	$(PY) examples/mup_coord_check.py --out out/coord_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
