@@ -204,3 +204,12 @@ def test_simulate_shapes_and_matrix_variance():
     assert abs(w.var().item() - 3 / 64) < 4 * math.sqrt(2 / m) * 3 / 64
     with pytest.raises(ValueError, match="positive integer"):
         tp.simulate(P, 0)
+
+
+def test_elementwise_detection_tolerates_nan_on_random_probes():
+    """sqrt(θ - 1) is NaN for some probe values; the function is still elementwise."""
+    P = tp.Program()
+    x = P.vector("x", shape=(4,))
+    t = P.moment(lambda u: u**2, x)
+    y = P.nonlin(lambda u, s: u / torch.sqrt(s - 1.0), x, params=(t,))
+    assert y.instruction.elementwise

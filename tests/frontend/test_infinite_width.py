@@ -100,6 +100,24 @@ def test_weight_sharing(x):
     check_against_monte_carlo(Shared, x)
 
 
+class Concatenated(nn.Module):
+    """Two branches of different widths concatenated, then a hidden layer and a readout."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, width), nn.Linear(6, 2 * width)
+        self.h, self.out = nn.Linear(3 * width, width), nn.Linear(width, 16)
+        init_(self)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=-1)
+        return self.out(torch.relu(self.h(h)))
+
+
+def test_concatenation_along_width(x):
+    check_against_monte_carlo(Concatenated, x)
+
+
 class Norms(nn.Module):
     def __init__(self, width, affine=True, rms=False):
         super().__init__()
@@ -125,11 +143,11 @@ def test_layernorm_and_rmsnorm(x, affine, rms):
 
 
 class CNN(nn.Module):
-    def __init__(self, width, dims=1, stride=1, padding=1, dilation=1, pool="global", dropout=False):
+    def __init__(self, width, dims=1, stride=1, padding=1, dilation=1, pool="global", mode="zeros"):
         super().__init__()
         Conv = nn.Conv1d if dims == 1 else nn.Conv2d
         self.c1 = Conv(2, width, 3, padding=1)
-        self.c2 = Conv(width, width, 3, stride=stride, padding=padding, dilation=dilation)
+        self.c2 = Conv(width, width, 3, stride=stride, padding=padding, dilation=dilation, padding_mode=mode)
         self.pool, self.dims = pool, dims
         self.drop = nn.Dropout(0.3)
         self.fc = nn.Linear(width, 8)
@@ -152,11 +170,14 @@ class CNN(nn.Module):
         dict(dims=1),
         dict(dims=1, stride=2, pool="avg"),
         dict(dims=1, dilation=2, padding=2),
+        dict(dims=1, mode="reflect"),
+        dict(dims=1, mode="replicate"),
         dict(dims=2),
         dict(dims=2, pool="adaptive"),
         dict(dims=2, stride=2, padding=0),
     ],
-    ids=["conv1d", "conv1d-stride-avgpool", "conv1d-dilation", "conv2d", "conv2d-adaptive", "conv2d-stride"],
+    ids=["conv1d", "conv1d-stride-avgpool", "conv1d-dilation", "conv1d-reflect", "conv1d-replicate",
+         "conv2d", "conv2d-adaptive", "conv2d-stride"],
 )
 def test_cnn(kw):
     gen = torch.Generator().manual_seed(3)

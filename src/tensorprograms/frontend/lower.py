@@ -20,7 +20,7 @@ from ..program import functions as F
 from ..program.program import Program
 from ..program.variables import Scalar
 from .capture import Captured, source_line
-from .values import Data, Merged, Param, ParamT, Sca, Tuple_, Vec
+from .values import Concat, Data, Merged, Param, ParamT, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
 Rule = Callable[["Lowering", fx.Node, list[Any]], Any]
@@ -121,9 +121,17 @@ class Lowering:
 
     def _apply(self, node: fx.Node, args: list, kwargs: dict):
         op = node.target
-        if all(not isinstance(a, (Vec, Sca, Param, ParamT, Tuple_, Merged)) for a in _flat(args, kwargs)):
+        abstract = (Vec, Sca, Param, ParamT, Tuple_, Merged, Concat)
+        if all(not isinstance(a, abstract) for a in _flat(args, kwargs)):
             # finite and deterministic: evaluate it (input preprocessing, constants)
             return _fold(op, args, kwargs)
+        if any(isinstance(a, Concat) for a in _flat(args, kwargs)) and op not in (
+            aten.addmm.default, aten.mm.default
+        ):
+            raise self.unsupported(
+                "only a linear layer may follow a concatenation along the width; apply "
+                "elementwise functions to the pieces before concatenating."
+            )
         fn = RULES.get(op)
         if fn is not None:
             return fn(self, node, args, **kwargs) if kwargs else fn(self, node, args)
@@ -471,6 +479,8 @@ def _linear_layer(low: Lowering, node, x, wt, bias):
         return Vec(h, out_shape, axis)
     if isinstance(x, Merged):
         return _merged_readout(low, node, x, W, bias)
+    if isinstance(x, Concat):
+        return _concat_linear(low, node, x, W, bias)
     if not isinstance(x, Vec) or x.iid_outputs:
         raise low.unsupported("a matrix product of something other than an activation")
     if x.axis != len(x.shape) - 1 or 1 not in w_width:
@@ -583,6 +593,18 @@ def _shape_op(low: Lowering, node, args, **kwargs):
     if isinstance(x, Vec):
         return _reshape_vec(low, node, x, lambda t: node.target(t, *args[1:], **kwargs))
     raise low.unsupported("a shape operation on a parameter")
+
+
+@rule(aten.index.Tensor)
+def _index_op(low: Lowering, node, args):
+    """Indexing finite dims with constant index tensors (how reflect/replicate padding export)."""
+    x, indices = args
+    if not isinstance(x, Vec):
+        raise low.unsupported("indexing something other than an activation")
+    if len(indices) > x.axis and indices[x.axis] is not None:
+        raise low.unsupported("indexing along the width dimension")
+    concrete = [None if i is None else _concrete(i) for i in indices]
+    return _reshape_vec(low, node, x, lambda t: aten.index.Tensor(t, concrete))
 
 
 def _reshape_vec(low: Lowering, node, x: Vec, op):
@@ -834,3 +856,49 @@ def _convolution(low: Lowering, node, args):
         if b is not None:
             h = P.lincomb([1.0, 1.0], [h, b])
     return Vec(h, out_shape, axis)
+
+
+@rule(aten.cat.default)
+def _cat(low: Lowering, node, args, dim=0):
+    """Concatenation along the width (blocks feeding one linear layer)."""
+    tensors = args[0]
+    dim = args[1] if len(args) > 1 else dim
+    if not all(isinstance(t, Vec) and not t.iid_outputs for t in tensors):
+        raise low.unsupported("concatenation of activations with other tensors")
+    rank = len(tensors[0].shape)
+    dim = dim % rank
+    if any(t.axis != dim for t in tensors):
+        raise low.unsupported("concatenation along finite dimensions of activations")
+    return Concat(list(tensors), [t.shape[t.axis] for t in tensors], low.shape(node), dim)
+
+
+def _concat_linear(low: Lowering, node, x: Concat, W: Param, bias):
+    """``W [x_1; …; x_k] = Σ_i W_i x_i`` with W_i the column block of part i (fan-in = the
+    whole concatenation, so block i's matrix has σ_i² = Var(W_ij)·size_i)."""
+    if x.axis != len(x.shape) - 1:
+        raise low.unsupported("a linear layer on a concatenation not along the last dim")
+    P = low.program
+    v1, v2 = low.init_variance(W)
+    f1, f2 = low.c.dims[W.node].small[1], low.c.dims[W.node].large[1]
+    k = math.log(v1 / v2) / math.log(f2 / f1)
+    if abs(k - 1) > 1e-6:
+        raise WidthError(
+            f"parameter {W.name}: per-entry variance scales like fan_in^(-{k:.3f}); the limit "
+            "needs fan_in^(-1). Initialize it with variance σ²/fan_in."
+        )
+    gs = []
+    for i, (part, size) in enumerate(zip(x.parts, x.sizes)):
+        key = f"{W.name}#block{i}"
+        if key not in low._matrices:
+            low._matrices[key] = P.matrix(f"{_tp_name(W.name)}_block{i}", variance=v1 * size)
+        gs.append(low._matrices[key] @ part.var)
+    g = P.lincomb([1.0] * len(gs), gs)
+    readout = 0 not in W.width_axes
+    if bias is not None:
+        b = _readout_bias(low, bias) if readout else low.bias(bias)
+        if b is not None:
+            g = P.lincomb([1.0, 1.0], [g, b])
+    out_shape = low.shape(node)
+    if readout:
+        return Vec(g, out_shape, len(out_shape) - 1, iid_outputs=True)
+    return Vec(g, out_shape, low.width_axis(node))

@@ -101,3 +101,14 @@ class Merged:
     parts: list[Vec]
     shape: tuple[int, ...]
     axis: int
+
+
+@dataclass
+class Concat:
+    """Activations concatenated along the width axis: a vector of R^{(α_1+…+α_k)n} made of
+    k blocks. A following linear layer splits into one matrix per block."""
+
+    parts: list[Vec]
+    sizes: list[int]  # block sizes at the small width
+    shape: tuple[int, ...]
+    axis: int
