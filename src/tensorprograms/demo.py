@@ -1,5 +1,5 @@
-"""The main job (``make demo``): limits of a small program and of a 3-layer MLP, checked
-against finite-width runs of the same program."""
+"""The main job (``make demo``): limits of a small program, of a 3-layer MLP program and of
+an ordinary PyTorch module, each checked against finite width."""
 
 from __future__ import annotations
 
@@ -66,10 +66,48 @@ def mlp_kernel() -> None:
     print("  (a constant last column is the n^-1/2 law of the Master Theorem's fluctuations)")
 
 
+class TanhMLP(torch.nn.Module):
+    """An ordinary PyTorch model (PyTorch's default initialization)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.l1 = torch.nn.Linear(8, width)
+        self.l2 = torch.nn.Linear(width, width)
+        self.l3 = torch.nn.Linear(width, 16)
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.relu(self.l1(x)))))
+
+
+def pytorch_model() -> None:
+    print()
+    print("=" * 72)
+    print("3. An ordinary PyTorch module: tp.infinite_width vs the real module at finite width")
+    print("=" * 72)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    t = time.perf_counter()
+    limit = tp.infinite_width(TanhMLP, x)
+    K = limit.nngp(x)
+    print(limit.program)
+    print(f"\nNNGP kernel (captured, lowered and computed in {time.perf_counter() - t:.1f} s):")
+    print(K.numpy().round(6))
+    print("\nMonte Carlo NNGP of the PyTorch module itself (tp.empirical.nngp, 200 inits):")
+    print(f"  {'width':>6} {'max |MC - limit| / SE':>22} {'max rel. error':>15}")
+    for width in (64, 256, 1024):
+        emp = tp.empirical.nngp(TanhMLP, width, x, samples=200, seed=0)
+        z = ((emp.mean - K).abs() / emp.stderr).max().item()
+        rel = ((emp.mean - K).abs() / K.diagonal().max()).max().item()
+        print(f"  {width:>6} {z:>22.2f} {rel:>15.4f}")
+    print("  (PyTorch's default biases add a 1/(3·width) term at finite width that vanishes"
+          " in the limit: visible at width 64, gone by 1024)")
+
+
 def main() -> None:
     torch.set_printoptions(precision=6)
     small_program()
     mlp_kernel()
+    pytorch_model()
 
 
 if __name__ == "__main__":
