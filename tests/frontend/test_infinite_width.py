@@ -302,3 +302,41 @@ def test_default_pytorch_init_with_known_finite_width_bias(x):
             return self.out(torch.relu(self.h(torch.relu(self.inp(x)))))
 
     check_against_monte_carlo(Default, x, samples=200, finite_bias=1 / (3 * WIDTH) + 1 / (3 * 3 * WIDTH))
+
+
+class MaxPoolCNN(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, width, 3, padding=1)
+        self.c2 = nn.Conv1d(width, width, 3, padding=1)
+        self.fc = nn.Linear(width, 8)
+        init_(self)
+
+    def forward(self, x):
+        h = F.max_pool1d(torch.relu(self.c1(x)), 2)  # a Nonlin mixing positions: joint Monte Carlo
+        return self.fc(torch.relu(self.c2(h)).mean(-1))
+
+
+def test_max_pool_joint_monte_carlo():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 4, generator=gen)
+    L = tp.infinite_width(MaxPoolCNN, x)
+    K = L.nngp(x)
+    limit = tp.master_theorem(L.program)
+    limit.second_moment(L.output.var)
+    assert any(r.backend == "monte_carlo" for r in limit.records)
+    # the limit's own Monte Carlo error (2^16 samples) is far below the finite-width SE
+    emp = empirical_nngp(MaxPoolCNN, 512, x, samples=100, seed=12)
+    assert ((emp.mean - K).abs() / emp.stderr).max() < Z
+
+
+def test_variance_override_changes_the_readout(x):
+    """variances={'out.weight': v} states a parameter's per-entry variance exactly: the
+    readout scales the whole kernel, minus its (unchanged) bias variance."""
+    base = tp.infinite_width(lambda w: MLP(w, torch.relu), x).nngp(x)
+    over = tp.infinite_width(
+        lambda w: MLP(w, torch.relu), x, variances={"out.weight": (3.0 / 64, 3.0 / 128)}
+    ).nngp(x)
+    from .models import SB2, SW2
+
+    torch.testing.assert_close(over - SB2, (base - SB2) * 3.0 / SW2, rtol=1e-12, atol=0)

@@ -57,7 +57,10 @@ def source_line(node: fx.Node) -> str:
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The node's shape; for ops returning tuples (max-pool values and indices), the first's."""
     val = node.meta.get("val")
+    if isinstance(val, (tuple, list)) and val and isinstance(val[0], torch.Tensor):
+        val = val[0]
     if isinstance(val, torch.Tensor):
         return tuple(int(s) for s in val.shape)
     return None
