@@ -102,7 +102,7 @@ class GaussianBasis:
     def _transpose(c: torch.Tensor, shape_a, shape_b) -> torch.Tensor:
         na = len(shape_a)
         perm = list(range(na, c.ndim)) + list(range(na))
-        return c.permute(*perm)
+        return c.permute(tuple(perm))
 
     def joint_cov(self, gs: list[Vector]) -> torch.Tensor:
         """The covariance of the concatenated flattened vectors ``gs``: ``[D, D]``."""

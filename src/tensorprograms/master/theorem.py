@@ -1,4 +1,5 @@
-"""``tp.master_theorem``: the infinite-width limit of every variable of a Netsor program."""
+"""``tp.master_theorem``: the infinite-width limit of every variable of a program
+(Netsor directly; Netsor⊤ through TP IV's rule, see transpose.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from . import rules
 from .expectations import Estimate, Expectations
 from .factors import Factor, FactorBuilder
 from .gaussian import GaussianBasis
+from .transpose import to_netsor
 
 
 @dataclass
@@ -46,6 +48,8 @@ class ProgramLimit:
 
     def __init__(self, program: Program, expectations: Expectations):
         self.program = program
+        self.source: Program | None = None  # a Netsor⊤ program this one was derived from
+        self.varmap: dict[Var, Var] = {}
         self._ex = expectations
         self._basis = GaussianBasis(self.second_moment)
         self._ex.cov = self._basis.cov
@@ -58,6 +62,12 @@ class ProgramLimit:
         self.records: list[Record] = []
 
     # ---------------------------------------------------------------- checks
+    def _map(self, v):
+        """Variables of the source Netsor⊤ program stand for their Netsor counterparts."""
+        if isinstance(v, Var) and self.source is not None and v.program is self.source:
+            return self.varmap[v]
+        return v
+
     def _own(self, v: Var, kind: type, what: str) -> None:
         if not isinstance(v, Var) or v.program is not self.program:
             raise ProgramError(f"{v!r} is not a variable of this program.")
@@ -88,8 +98,8 @@ class ProgramLimit:
             e = self._moments[(y, x)]
             nx = len(y.shape)
             perm = list(range(nx, e.value.ndim)) + list(range(nx))
-            se = None if e.stderr is None else e.stderr.permute(*perm)
-            return Estimate(e.value.permute(*perm), se, e.backend, e.dim)
+            se = None if e.stderr is None else e.stderr.permute(tuple(perm))
+            return Estimate(e.value.permute(tuple(perm)), se, e.backend, e.dim)
         key = f"E[{x.name}⊗{y.name}]"
         if x.is_gaussian and y.is_gaussian:
             est = Estimate(self._basis.cov(x, y), None, "gaussian", 0)
@@ -111,8 +121,8 @@ class ProgramLimit:
             e = self._through_linear(y, x)
             ny = len(y.shape)
             perm = list(range(ny, e.value.ndim)) + list(range(ny))
-            se = None if e.stderr is None else e.stderr.permute(*perm)
-            return Estimate(e.value.permute(*perm), se, e.backend, e.dim)
+            se = None if e.stderr is None else e.stderr.permute(tuple(perm))
+            return Estimate(e.value.permute(tuple(perm)), se, e.backend, e.dim)
         u = ins.xs[0]
         inner = self._second(u, y)
 
@@ -127,6 +137,7 @@ class ProgramLimit:
 
     def second_moment(self, x: Vector, y: Vector | None = None) -> torch.Tensor:
         """``E[Z^x ⊗ Z^y]``, shape ``[*F_x, *F_y]`` (y defaults to x)."""
+        x, y = self._map(x), self._map(y)
         y = x if y is None else y
         self._own(x, Vector, "vector")
         self._own(y, Vector, "vector")
@@ -134,6 +145,7 @@ class ProgramLimit:
 
     def mean(self, x: Vector) -> torch.Tensor:
         """``E[Z^x]``, shape ``[*F_x]`` (zero for G-vars)."""
+        x = self._map(x)
         self._own(x, Vector, "vector")
         if x.is_gaussian:
             return torch.zeros(x.shape, dtype=torch.float64)
@@ -149,6 +161,7 @@ class ProgramLimit:
 
     def cov(self, x: Vector, y: Vector | None = None) -> torch.Tensor:
         """``Cov(Z^x, Z^y)``, shape ``[*F_x, *F_y]``."""
+        x, y = self._map(x), self._map(y)
         y = x if y is None else y
         m = self.second_moment(x, y)
         if x.is_gaussian or y.is_gaussian:
@@ -159,6 +172,7 @@ class ProgramLimit:
 
     def stderr(self, x: Var, y: Vector | None = None) -> torch.Tensor:
         """Monte Carlo standard error of ``second_moment(x, y)`` or of ``value(x)`` for a scalar."""
+        x, y = self._map(x), self._map(y)
         if isinstance(x, Scalar):
             self.value(x)
             e = self._scalars[x]
@@ -171,6 +185,7 @@ class ProgramLimit:
     # ---------------------------------------------------------------- scalars
     def value(self, theta: Scalar) -> torch.Tensor:
         """The deterministic limit of a scalar (Moment output), shape ``[*F_θ]``."""
+        theta = self._map(theta)
         self._own(theta, Scalar, "scalar")
         if theta not in self._scalars:
             ins = theta.instruction
@@ -180,6 +195,7 @@ class ProgramLimit:
         return self._scalars[theta].value
 
     def __getitem__(self, v: Var) -> torch.Tensor:
+        v = self._map(v)
         if isinstance(v, Scalar):
             return self.value(v)
         if isinstance(v, Vector):
@@ -189,6 +205,7 @@ class ProgramLimit:
     # ---------------------------------------------------------------- samples
     def sample(self, x: Vector, num_samples: int = 1000, seed: int = 0) -> torch.Tensor:
         """Draws of ``Z^x``: shape ``[num_samples, *F_x]``."""
+        x = self._map(x)
         self._own(x, Vector, "vector")
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -238,10 +255,11 @@ def master_theorem(
     mc_samples: int = 2**16,
     seed: int = 0,
 ) -> ProgramLimit:
-    """The infinite-width limit of a Netsor program (TP I's Master Theorem).
+    """The infinite-width limit of a program (TP I's Master Theorem; TP IV's for Netsor⊤).
 
     Args:
-        program: a :class:`tp.Program` with no transposed matrices.
+        program: a :class:`tp.Program`; with transposed matrices it is handled by TP IV's
+            rule ``Z^{Wx} = Ẑ^{Wx} + Ż^{Wx}`` (no gradient-independence assumption).
         backend: ``"auto"`` (closed form, else quadrature up to ``max_quadrature_dim``
             Gaussian dimensions, else Monte Carlo), or force ``"closed_form"``,
             ``"quadrature"`` or ``"monte_carlo"`` for every expectation.
@@ -254,13 +272,6 @@ def master_theorem(
     if not isinstance(program, Program):
         raise TypeError(f"master_theorem takes a tp.Program, got {type(program).__name__}")
     program.validate()
-    if languages.infer(program) != "netsor":
-        bad = next(i for i in program.instructions if getattr(i, "transpose", False))
-        raise ProgramError(
-            f"instruction {bad.out.index + 1} ({bad.describe()}) uses a transposed matrix. "
-            "tp.master_theorem handles Netsor programs (no transposes); the Netsor⊤ rule "
-            "(gradients, training) is not implemented yet."
-        )
     ex = Expectations(
         cov=lambda a, b: None,  # replaced by the limit's Gaussian basis
         backend=backend,
@@ -269,4 +280,9 @@ def master_theorem(
         mc_samples=mc_samples,
         seed=seed,
     )
-    return ProgramLimit(program, ex)
+    if languages.infer(program) == "netsor":
+        return ProgramLimit(program, ex)
+    # Netsor⊤: the equivalent Netsor program with TP IV's Ż corrections (see transpose.py)
+    Q, varmap, limit = to_netsor(program, lambda q: ProgramLimit(q, ex))
+    limit.source, limit.varmap = program, varmap
+    return limit

@@ -1,0 +1,146 @@
+"""Netsor⊤ (TP IV): programs that use a matrix and its transpose.
+
+TP IV's Master Theorem: for ``W`` with entries N(0, σ²/fan_in),
+
+    Z^{Wx} = Ẑ^{Wx} + Ż^{Wx},   Ż^{Wx} = σ² Σ_y Z^y · E[∂Z^x / ∂Ẑ^{Wᵀy}],
+
+the sum over the ``Wᵀy`` computed before ``Wx``, and symmetrically for ``Wᵀu`` (with
+σ²·out_ratio/in_ratio, the transpose's own normalization). The Ẑ's are Gaussian with the
+covariances of the Netsor rule, the forward and transposed ones independent.
+
+This module turns a Netsor⊤ program P into a Netsor program Q with the same limit:
+each ``W @ x`` becomes a MatMul by a forward copy of W (its Ẑ) plus the linear correction
+Ż, each ``W.T @ u`` a MatMul by an independent backward copy plus its Ż. The
+coefficients ``E[∂Z^x/∂Ẑ]`` come from Stein's lemma on the Gaussian atoms A that ``Z^x``
+depends on, ``E[∇_A Z^x] = Cov(A)⁺ E[A Z^x]``, with ``E[A Z^x]`` from the engine's own
+expectation backends: exact Gram computations for linear programs, quadrature or Monte
+Carlo otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..program.instructions import InitMatrix, InitVector, LinComb, MatMul, Moment, Nonlin
+from ..program.program import Program
+from ..program.variables import Matrix, Scalar, Var, Vector
+
+# Ż coefficients below this fraction of the largest one are rounding, not structure.
+_ZERO = 1e-13
+
+
+def _atoms(Q: Program, v: Vector) -> list[Vector]:
+    """Initial vectors and MatMul outputs of Q that v depends on, in program order."""
+    seen: set[int] = set()
+    stack = [v]
+    while stack:
+        u = stack.pop()
+        if u.index in seen:
+            continue
+        seen.add(u.index)
+        stack.extend(w for w in u.instruction.inputs if isinstance(w, (Vector, Scalar)))
+    out = []
+    for i in sorted(seen):
+        ins = Q.instructions[i]
+        if isinstance(ins, (InitVector, MatMul)):
+            out.append(ins.out)
+    return out
+
+
+def stein_gradient(limit, Q: Program, x: Vector, atom: Vector) -> torch.Tensor:
+    """``E[∂Z^x_a / ∂Z^{atom}_b]`` as a ``[|F_x|, |F_atom|]`` matrix (zero if x does not depend
+    on the atom), by Stein's lemma over all Gaussian atoms x depends on."""
+    atoms = _atoms(Q, x)
+    if atom not in atoms:
+        return torch.zeros(x.numel, atom.numel, dtype=torch.float64)
+    basis = limit._basis
+    sigma = torch.cat(
+        [torch.cat([basis.cov(a, b).reshape(a.numel, b.numel) for b in atoms], 1) for a in atoms], 0
+    )
+    cross = torch.cat([limit.second_moment(a, x).reshape(a.numel, x.numel) for a in atoms], 0)
+    grad = torch.linalg.pinv(sigma, hermitian=True, rtol=1e-12) @ cross  # [D, |F_x|]
+    start = 0
+    for a in atoms:
+        if a is atom:
+            return grad[start:start + a.numel].T
+        start += a.numel
+    raise AssertionError("unreachable")
+
+
+def _correction(kappas: list[torch.Tensor], shapes: list[tuple[int, ...]], out_shape) -> Callable:
+    def add(g, *us, _k=kappas, _s=shapes, _o=tuple(out_shape)):
+        total = g
+        for k, u, s in zip(_k, us, _s):
+            batch = u.shape[: u.ndim - len(s)]
+            flat = u.reshape(*batch, -1) @ k.T  # [*batch, |F_out|]
+            total = total + flat.reshape(*batch, *_o)
+        return total
+
+    add.__name__ = "Ẑ+Ż"
+    return add
+
+
+def to_netsor(P: Program, limit_factory) -> tuple[Program, dict[Var, Var], object]:
+    """The Netsor program Q with P's limit, the map P-var → Q-var, and Q's limit."""
+    Q = Program()
+    limit = limit_factory(Q)
+    m: dict[Var, Var] = {}
+    fwd: dict[Matrix, Matrix] = {}
+    bwd: dict[Matrix, Matrix] = {}
+    hats: dict[Matrix, list[tuple[bool, Vector, Vector]]] = {}
+    for ins in P.instructions:
+        out = ins.out
+        if isinstance(ins, InitMatrix):
+            hats[out] = []
+        elif isinstance(ins, InitVector):
+            m[out] = Q.vector(out.name, shape=out.shape, cov=ins.cov, ratio=out.ratio)
+        elif isinstance(ins, MatMul):
+            W, x = ins.matrix, m[ins.x]
+            if not ins.transpose:
+                if W not in fwd:
+                    fwd[W] = Q.matrix(W.name, W.variance, W.out_ratio, W.in_ratio)
+                M, scale = fwd[W], W.variance
+            else:
+                if W not in bwd:
+                    bwd[W] = Q.matrix(
+                        f"{W.name}ᵀ", W.variance * W.out_ratio / W.in_ratio, W.in_ratio, W.out_ratio
+                    )
+                M, scale = bwd[W], W.variance * W.out_ratio / W.in_ratio
+            g = Q.matmul(M, x, name=f"{out.name}^")
+            kappas, us = [], []
+            for transposed, hat, u in hats[W]:
+                if transposed == ins.transpose:
+                    continue
+                k = scale * stein_gradient(limit, Q, x, hat)
+                if k.abs().max() > _ZERO * max(1.0, float(k.abs().max())) and k.abs().max() > _ZERO:
+                    kappas.append(k)
+                    us.append(u)
+            hats[W].append((ins.transpose, g, x))
+            if not kappas:
+                m[out] = g
+                continue
+            fn = _correction(kappas, [u.shape for u in us], out.shape)
+            if all(u.is_gaussian for u in us):
+                m[out] = Q.linear(fn, g, *us, name=out.name, label=f"{g.name} + Ż")
+            else:
+                m[out] = Q.nonlin(fn, g, *us, name=out.name, elementwise=False)
+        elif isinstance(ins, LinComb):
+            xs = [m[x] for x in ins.xs]
+            if all(x.is_gaussian for x in xs):
+                m[out] = Q.linear(ins.fn, *xs, name=out.name, label=ins.label)
+            else:  # a LinComb of P's G-vars that carry a nonlinear Ż is an H-var here
+                m[out] = Q.nonlin(ins.fn, *xs, name=out.name)
+        elif isinstance(ins, Nonlin):
+            params = tuple(m[p] if isinstance(p, Scalar) else p for p in ins.params)
+            m[out] = Q.nonlin(ins.fn, *[m[x] for x in ins.xs], params=params, name=out.name,
+                              elementwise=ins.elementwise)
+        elif isinstance(ins, Moment):
+            params = tuple(m[p] if isinstance(p, Scalar) else p for p in ins.params)
+            m[out] = Q.moment(ins.fn, *[m[x] for x in ins.xs], params=params, name=out.name,
+                              elementwise=ins.elementwise)
+    for W in P.matrices:
+        if W in fwd:
+            m[W] = fwd[W]
+    return Q, m, limit
