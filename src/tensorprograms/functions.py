@@ -11,6 +11,7 @@ from .program.functions import (  # noqa: F401
     exp,
     identity,
     leaky_relu,
+    product,
     relu,
     sin,
     step,

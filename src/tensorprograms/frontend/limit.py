@@ -12,6 +12,7 @@ from ..program.program import Program
 from .capture import Captured, capture
 from .init_reader import read_initialization
 from .lower import Lowering
+from .ntk import ntk_of
 from .values import Vec
 
 PARAMETRIZATIONS = ("ntk", "standard")
@@ -84,6 +85,25 @@ class InfiniteWidthLimit:
         if xs2 is None:
             return xs1, xs1[0].shape[0]
         return tuple(torch.cat([a, b]) for a, b in zip(xs1, xs2)), xs1[0].shape[0]
+
+    def ntk(self, x1, x2=None) -> torch.Tensor:
+        """The NTK ``[N1, N2]`` (float64, NTK parametrization, per output unit).
+
+        Built by TP II's construction: the backward pass appended to the forward program,
+        Θ = Σ over parameters and pairs of their uses of E[dh dh'] ⊙ Cov(h, h').
+        """
+        if self.parametrization != "ntk":
+            raise ValueError(
+                "limit.ntk is implemented for parametrization='ntk'; the standard "
+                "parametrization's NTK convention is not defined here yet."
+            )
+        xs, n1 = self._inputs(x1, x2)
+        program, out = self._lower(xs)
+        batch = xs[0].shape[0]
+        if out.var.shape != (batch,):
+            raise ValueError("the NTK needs a [batch, k] output (per-output kernel)")
+        theta = ntk_of(program, out.var, batch, master_theorem)
+        return theta if x2 is None else theta[:n1, n1:]
 
     def nngp(self, x1, x2=None) -> torch.Tensor:
         """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit."""

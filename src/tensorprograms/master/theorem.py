@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ProgramError
+from ..program import functions as F
 from ..program import languages
 from ..program.calling import call_full
 from ..program.instructions import Moment, Nonlin
@@ -105,6 +106,8 @@ class ProgramLimit:
             est = Estimate(self._basis.cov(x, y), None, "gaussian", 0)
         elif _linear_nonlin(x) is not None or _linear_nonlin(y) is not None:
             est = self._through_linear(x, y)
+        elif (factored := self._independent_product(x, y)) is not None:
+            est = factored
         else:
             fx, fy = self._factor(x), self._factor(y)
             if fx.flat != fy.flat:
@@ -112,6 +115,33 @@ class ProgramLimit:
             est = self._record(key, self._ex.cross(fx, fy, key))
         self._moments[(x, y)] = est
         return est
+
+    def _leaves(self, v: Vector) -> list[Vector]:
+        return self._joint_factor(v).leaves if not v.is_gaussian else [v]
+
+    def _independent_product(self, x: Vector, y: Vector) -> Estimate | None:
+        """E[(u v) ⊗ (u' v')] = E[u ⊗ u'] ⊙ E[v ⊗ v'] for products whose u-parts and v-parts
+        are independent (e.g. φ'(h) ⊙ dx in a backward pass, TP II)."""
+        px, py = _product_nonlin(x), _product_nonlin(y)
+        if px is None or py is None:
+            return None
+        (u1, v1), (u2, v2) = px.xs, py.xs
+        if not (u1.shape == v1.shape == x.shape and u2.shape == v2.shape == y.shape):
+            return None
+        left = self._leaves(u1) + self._leaves(u2)
+        right = self._leaves(v1) + self._leaves(v2)
+        for a in left:
+            for b in right:
+                if a is b or self._basis.cov(a, b).abs().max() > 0:
+                    return None
+        eu, ev = self._second(u1, u2), self._second(v1, v2)
+        se = None
+        if eu.stderr is not None or ev.stderr is not None:
+            su = eu.stderr if eu.stderr is not None else torch.zeros_like(eu.value)
+            sv = ev.stderr if ev.stderr is not None else torch.zeros_like(ev.value)
+            se = su * ev.value.abs() + sv * eu.value.abs()
+        return Estimate(eu.value * ev.value, se, f"product({eu.backend}, {ev.backend})",
+                        max(eu.dim, ev.dim))
 
     def _through_linear(self, x: Vector, y: Vector) -> Estimate:
         """E[L(u) ⊗ y] = L applied to E[u ⊗ y] for a linear Nonlin x = L(u) (gathers,
@@ -240,6 +270,13 @@ class ProgramLimit:
             elif isinstance(v, Vector):
                 out.append(f"E[Z^{v.name} Z^{v.name}ᵀ] =\n{self.second_moment(v)}")
         return "\n".join(out)
+
+
+def _product_nonlin(v: Vector) -> Nonlin | None:
+    ins = v.instruction
+    if isinstance(ins, Nonlin) and ins.fn is F.product and len(ins.xs) == 2 and not ins.params:
+        return ins
+    return None
 
 
 def _linear_nonlin(v: Vector) -> Nonlin | None:

@@ -83,7 +83,16 @@ def _correction(kappas: list[torch.Tensor], shapes: list[tuple[int, ...]], out_s
 
 
 def to_netsor(P: Program, limit_factory) -> tuple[Program, dict[Var, Var], object]:
-    """The Netsor program Q with P's limit, the map P-var → Q-var, and Q's limit."""
+    """The Netsor program Q with P's limit, the map P-var → Q-var, and Q's limit.
+
+    For NetsorT programs (transposes only as in backpropagation, see
+    ``program.languages``) TP II's gradient-independence theorem says the Ż terms do not
+    change the limit; they are skipped (they would be zero up to quadrature/Monte Carlo
+    noise, and cost a Stein computation per MatMul).
+    """
+    from ..program import languages
+
+    independent = languages.infer(P) == "netsorT"
     Q = Program()
     limit = limit_factory(Q)
     m: dict[Var, Var] = {}
@@ -111,7 +120,7 @@ def to_netsor(P: Program, limit_factory) -> tuple[Program, dict[Var, Var], objec
             g = Q.matmul(M, x, name=f"{out.name}^")
             kappas, us = [], []
             for transposed, hat, u in hats[W]:
-                if transposed == ins.transpose:
+                if transposed == ins.transpose or independent:
                     continue
                 k = scale * stein_gradient(limit, Q, x, hat)
                 if k.abs().max() > _ZERO * max(1.0, float(k.abs().max())) and k.abs().max() > _ZERO:

@@ -1,0 +1,215 @@
+"""The infinite-width NTK of a lowered model: TP II's backward program.
+
+The forward program Q is extended by its backward pass (a NetsorT program: readout
+vectors seed it, transposed matrices carry it, vjps of the Nonlins are odd in the
+cotangents). Cotangents are indexed like the forward vectors, with the cotangent of
+output f_p living at batch index p (valid because batch elements never interact).
+For every trainable primitive (matrix or initial vector) and every pair of its uses
+``a_i, a_j`` (the G-vars it produces; several with weight sharing),
+
+    Θ[p, q] += Σ_{r, s} E[da_i[p, r] da_j[q, s]] · Cov(a_i[p, r], a_j[q, s]),
+
+which for a matrix is TP II's σ² E[dh dh'] E[x x'] and for the first layer
+``E[dh dh']·Var(W_ij)⟨x, x'⟩``. This is the NTK parametrization: gradients with respect
+to ω in W = σ ω/√fan_in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ..errors import UnsupportedOperation
+from ..program import functions as F
+from ..program.calling import call_full, common_rank
+from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
+from ..program.program import Program
+from ..program.variables import Matrix, Scalar, Vector
+
+
+def _vjp_fn(fn, shapes, i: int, out_shape, nparams: int, linear: bool):
+    """A function (xs..., d, *params) -> cotangent of argument i, by the calling convention."""
+    k = len(shapes)
+
+    def pull(*vals):
+        xs, d, ps = list(vals[:k]), vals[k], list(vals[k + 1:])
+        rank = common_rank(list(shapes) + [tuple(out_shape)] + [tuple(p.shape) for p in ps
+                                                                 if isinstance(p, torch.Tensor)])
+        nb = d.ndim - rank
+        batch = d.shape[:nb]
+        xs = [x.reshape(*batch, *s) if x.numel() == math.prod(batch) * math.prod(s) else x
+              for x, s in zip(xs, shapes)]
+        if linear:
+            xs = [torch.zeros(*batch, *s, dtype=d.dtype) for s in shapes]
+
+        def f(t):
+            args = list(xs)
+            args[i] = t
+            return call_full(fn, args, shapes, ps, nb)
+
+        _, back = torch.func.vjp(f, xs[i])
+        return back(d.reshape(*batch, *out_shape))[0].reshape(*batch, *shapes[i])
+
+    pull.__name__ = f"vjp{i}"
+    return pull
+
+
+def _diag_jacobian(fn, shapes, i):
+    """∂φ/∂x_i of an elementwise φ (the diagonal of its Jacobian), by a vjp with ones."""
+
+    def jac(*vals):
+        xs, ps = list(vals[: len(shapes)]), list(vals[len(shapes):])
+
+        def f(t):
+            args = list(xs)
+            args[i] = t
+            return fn(*args, *ps)
+
+        out, back = torch.func.vjp(f, xs[i])
+        return back(torch.ones_like(out))[0]
+
+    jac.__name__ = f"∂{i}φ"
+    return jac
+
+
+def _lin_adjoint(fn, shapes, i, out_shape):
+    k = len(shapes)
+
+    def adj(d):
+        nb = d.ndim - len(out_shape)
+        batch = d.shape[:nb]
+        zeros = [torch.zeros(*batch, *s, dtype=d.dtype) for s in shapes]
+
+        def f(t):
+            args = list(zeros)
+            args[i] = t
+            return call_full(fn, args, shapes, [], nb)
+
+        _, back = torch.func.vjp(f, zeros[i])
+        return back(d)[0]
+
+    adj.__name__ = f"adjoint{i}"
+    assert k >= 1
+    return adj
+
+
+def _part(fn, shapes, i):
+    def part(t):
+        nb = t.ndim - len(shapes[i])
+        batch = t.shape[:nb]
+        args = [t if j == i else torch.zeros(*batch, *s, dtype=t.dtype) for j, s in enumerate(shapes)]
+        return call_full(fn, args, shapes, [], nb)
+
+    part.__name__ = f"part{i}"
+    return part
+
+
+def ntk_of(program: Program, output: Vector, batch: int, master_theorem) -> torch.Tensor:
+    """Θ [batch, batch] for the per-output kernel of ``output`` (a sum of readouts)."""
+    Q = program
+    uses: dict[object, list[tuple[Vector, object]]] = defaultdict(list)  # primitive -> (a, da)
+    cot: dict[Vector, list] = defaultdict(list)  # var -> cotangent pieces (Vector or tensor)
+    seeds: dict[Matrix, Vector] = {}
+    cot[output].append(torch.ones(output.shape, dtype=torch.float64))
+
+    def linear(fn, *vs, label=""):
+        """A linear map of cotangents: a LinComb when they are Gaussian, else a Nonlin."""
+        if all(v.is_gaussian for v in vs):
+            return Q.linear(fn, *vs, label=label)
+        return Q.nonlin(fn, *vs)
+
+    def add(*vs):
+        return linear(lambda *us: sum(us[1:], us[0]), *vs, label="Σ cotangents")
+
+    def total(v: Vector):
+        pieces = cot.get(v, [])
+        consts = [p for p in pieces if isinstance(p, torch.Tensor)]
+        vecs = [p for p in pieces if isinstance(p, Vector)]
+        if consts and vecs:
+            raise UnsupportedOperation("NTK: the output mixes readouts with hidden activations")
+        if consts:
+            return sum(consts)
+        if not vecs:
+            return None
+        return vecs[0] if len(vecs) == 1 else add(*vecs)
+
+    forward = list(Q.instructions)
+    for ins in reversed(forward):
+        out = ins.out
+        if not isinstance(out, (Vector, Scalar)) or out not in cot:
+            continue
+        d = total(out)
+        if d is None:
+            continue
+        if isinstance(ins, InitVector):
+            continue  # its uses were recorded where it entered a LinComb
+        if isinstance(ins, MatMul):
+            W = ins.matrix
+            uses[W].append((out, d))
+            if isinstance(d, torch.Tensor):  # readout: √n·(row of W) is a fresh initial vector
+                if W not in seeds:
+                    seeds[W] = Q.vector(f"d{W.name}", variance=W.variance)
+                dx = Q.linear(lambda t, _c=d: t.reshape(*t.shape, *[1] * _c.ndim) * _c,
+                              seeds[W], label=f"readout cotangent {W.name}")
+            else:
+                dx = Q.matmul(W, d, transpose=True)
+            cot[ins.x].append(dx)
+        elif isinstance(ins, LinComb):
+            shapes = [x.shape for x in ins.xs]
+            for i, x in enumerate(ins.xs):
+                if x.kind == "init":
+                    a = Q.linear(_part(ins.fn, shapes, i), x, label=f"use of {x.name}")
+                    uses[x].append((a, d))
+                elif isinstance(d, torch.Tensor):
+                    adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
+                    cot[x].append(adj(d.unsqueeze(0))[0])
+                else:
+                    cot[x].append(linear(_lin_adjoint(ins.fn, shapes, i, out.shape), d,
+                                         label=f"adjoint of {out.name}"))
+        elif isinstance(ins, Nonlin):
+            if isinstance(d, torch.Tensor):
+                raise UnsupportedOperation(
+                    "NTK: a nonlinearity applied to the model's outputs; only sums of readouts "
+                    "are supported as outputs."
+                )
+            if any(isinstance(p, Scalar) for p in ins.params):
+                raise UnsupportedOperation(
+                    "NTK through width averages (LayerNorm, RMSNorm: Moments) is not supported "
+                    "yet: their backward pass has terms this construction does not build."
+                )
+            shapes = [x.shape for x in ins.xs]
+            for i, x in enumerate(ins.xs):
+                if not x.shape or x.shape[0] != batch:
+                    raise UnsupportedOperation(
+                        f"NTK: {x.name} is shared across the batch inside a nonlinearity"
+                    )
+                if ins.linear:
+                    cot[x].append(linear(_lin_adjoint(ins.fn, shapes, i, out.shape), d,
+                                         label=f"adjoint of {out.name}"))
+                elif ins.elementwise and all(s == out.shape for s in shapes):
+                    # φ' at the forward point times the cotangent: a product whose factors are
+                    # independent in the limit (forward vs backward), which the engine factors
+                    jac = Q.nonlin(_diag_jacobian(ins.fn, shapes, i), *ins.xs, params=ins.params,
+                                   elementwise=True)
+                    cot[x].append(Q.nonlin(F.product, jac, d, elementwise=True))
+                else:
+                    fn = _vjp_fn(ins.fn, shapes, i, out.shape, len(ins.params), False)
+                    cot[x].append(Q.nonlin(fn, *ins.xs, d, params=ins.params))
+        elif isinstance(ins, Moment):
+            raise UnsupportedOperation("NTK through Moments (width averages) is not supported yet.")
+
+    limit = master_theorem(Q)
+    theta = torch.zeros(batch, batch, dtype=torch.float64)
+    for items in uses.values():
+        for a_i, d_i in items:
+            for a_j, d_j in items:
+                C = limit.cov(a_i, a_j)  # [*F_i, *F_j]
+                if isinstance(d_i, torch.Tensor):
+                    D = torch.einsum("a,b->ab", d_i.reshape(-1), d_j.reshape(-1)).reshape(C.shape)
+                else:
+                    D = limit.second_moment(d_i, d_j)
+                prod = (C * D).reshape(batch, a_i.numel // batch, batch, a_j.numel // batch)
+                theta = theta + prod.sum(dim=(1, 3))
+    return theta
