@@ -69,6 +69,9 @@ def test_ntk_two_batches_and_symmetry(x):
     assert (torch.linalg.eigvalsh(full) > 0).all()
     # the NTK dominates the NNGP (it adds the hidden layers' gradient terms)
     assert (full.diagonal() > limit.nngp(x).diagonal()).all()
+    K, theta = limit.kernels(x)
+    torch.testing.assert_close(K, limit.nngp(x), rtol=1e-13, atol=0)
+    torch.testing.assert_close(theta, full, rtol=1e-13, atol=0)
 
 
 def test_ntk_errors(x):

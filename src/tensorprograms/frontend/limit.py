@@ -92,6 +92,11 @@ class InfiniteWidthLimit:
         Built by TP II's construction: the backward pass appended to the forward program,
         Θ = Σ over parameters and pairs of their uses of E[dh dh'] ⊙ Cov(h, h').
         """
+        return self.kernels(x1, x2)[1]
+
+    def kernels(self, x1, x2=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(nngp, ntk)``, each ``[N1, N2]``, from one program (the NTK's forward part is the
+        NNGP's program, so the work is shared)."""
         if self.parametrization != "ntk":
             raise ValueError(
                 "limit.ntk is implemented for parametrization='ntk'; the standard "
@@ -102,8 +107,11 @@ class InfiniteWidthLimit:
         batch = xs[0].shape[0]
         if out.var.shape != (batch,):
             raise ValueError("the NTK needs a [batch, k] output (per-output kernel)")
-        theta = ntk_of(program, out.var, batch, master_theorem)
-        return theta if x2 is None else theta[:n1, n1:]
+        theta, limit = ntk_of(program, out.var, batch, master_theorem)
+        K = _per_example(limit.second_moment(out.var), batch)
+        if x2 is None:
+            return K, theta
+        return K[:n1, n1:], theta[:n1, n1:]
 
     def nngp(self, x1, x2=None) -> torch.Tensor:
         """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit."""

@@ -106,8 +106,9 @@ def _part(fn, shapes, i):
     return part
 
 
-def ntk_of(program: Program, output: Vector, batch: int, master_theorem) -> torch.Tensor:
-    """Θ [batch, batch] for the per-output kernel of ``output`` (a sum of readouts)."""
+def ntk_of(program: Program, output: Vector, batch: int, master_theorem):
+    """Θ [batch, batch] for the per-output kernel of ``output`` (a sum of readouts), and
+    the limit object of the extended program (its caches serve the NNGP too)."""
     Q = program
     uses: dict[object, list[tuple[Vector, object]]] = defaultdict(list)  # primitive -> (a, da)
     cot: dict[Vector, list] = defaultdict(list)  # var -> cotangent pieces (Vector or tensor)
@@ -212,4 +213,4 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem) -> torc
                     D = limit.second_moment(d_i, d_j)
                 prod = (C * D).reshape(batch, a_i.numel // batch, batch, a_j.numel // batch)
                 theta = theta + prod.sum(dim=(1, 3))
-    return theta
+    return theta, limit
