@@ -153,19 +153,8 @@ class Lowering:
         if p.name in self._matrices:
             return self._matrices[p.name]
         v1, v2 = self.init_variance(p)
-        f1, f2 = fan_in
-        if v1 <= 0 or v2 <= 0:
-            raise WidthError(f"parameter {p.name} is initialized to a constant; its limit is trivial.")
-        k = math.log(v1 / v2) / math.log(f2 / f1)
-        if abs(k - 1) > 1e-6:
-            verdict = "diverges" if k < 1 else "vanishes"
-            raise WidthError(
-                f"parameter {p.name}: per-entry variance {v1:.4g} at fan-in {f1} and {v2:.4g} at "
-                f"fan-in {f2} scales like fan_in^(-{k:.3f}); with fan_in^(-1) the limit exists, "
-                f"with this scaling the output {verdict} as width grows. Initialize it with "
-                "variance σ²/fan_in (e.g. nn.init.normal_(w, std=σ/sqrt(fan_in)))."
-            )
-        sigma2 = v1 * f1
+        check_fan_in_scaling(p.name, (v1, v2), fan_in)
+        sigma2 = v1 * fan_in[0]
         self._matrices[p.name] = self.program.matrix(_tp_name(p.name), variance=sigma2)
         return self._matrices[p.name]
 
@@ -202,12 +191,7 @@ class Lowering:
         if key not in self._matrices:
             v1, v2 = self.init_variance(p)
             f1, f2 = fan_in
-            k = math.log(v1 / v2) / math.log(f2 / f1)
-            if abs(k - 1) > 1e-6:
-                raise WidthError(
-                    f"parameter {p.name}: per-entry variance scales like fan_in^(-{k:.3f}); the "
-                    "limit needs fan_in^(-1). Initialize it with variance σ²/fan_in."
-                )
+            check_fan_in_scaling(p.name, (v1, v2), fan_in)
             # entries have variance v = (v·K·C_in/K)/C_in: each offset's matrix has σ² = v·C_in
             self._matrices[key] = self.program.matrix(
                 f"{_tp_name(p.name)}_k{offset}", variance=v1 * f1 / K
@@ -232,6 +216,23 @@ class Lowering:
         else:
             self._biases[p.name] = self.program.vector(_tp_name(p.name), variance=v1)
         return self._biases[p.name]
+
+
+def check_fan_in_scaling(name: str, variances: tuple[float, float], fan_in: tuple[int, int]) -> None:
+    """A weight with a width fan-in needs per-entry variance σ²/fan_in; raise WidthError with
+    the measured numbers otherwise (the limit would diverge or vanish)."""
+    (v1, v2), (f1, f2) = variances, fan_in
+    if v1 <= 0 or v2 <= 0:
+        raise WidthError(f"parameter {name} is initialized to a constant; its limit is trivial.")
+    k = math.log(v1 / v2) / math.log(f2 / f1)
+    if abs(k - 1) > 1e-6:
+        verdict = "diverges" if k < 1 else "vanishes"
+        raise WidthError(
+            f"parameter {name}: per-entry variance {v1:.4g} at fan-in {f1} and {v2:.4g} at "
+            f"fan-in {f2} scales like fan_in^(-{k:.3f}); with fan_in^(-1) the limit exists, "
+            f"with this scaling the output {verdict} as width grows. Initialize it with "
+            "variance σ²/fan_in (e.g. nn.init.normal_(w, std=σ/sqrt(fan_in)))."
+        )
 
 
 def _tp_name(name: str) -> str:
@@ -691,12 +692,7 @@ def _merged_readout(low: Lowering, node, x: Merged, W: Param, bias):
     dims1, dims2 = low.c.dims[W.node].small, low.c.dims[W.node].large
     M = len(x.parts)
     f1, f2 = dims1[1], dims2[1]
-    k = math.log(v1 / v2) / math.log(f2 / f1)
-    if abs(k - 1) > 1e-6:
-        raise WidthError(
-            f"parameter {W.name}: per-entry variance scales like fan_in^(-{k:.3f}); the limit needs "
-            "fan_in^(-1). Initialize it with variance σ²/fan_in."
-        )
+    check_fan_in_scaling(W.name, (v1, v2), (f1, f2))
     sigma2 = v1 * f1 / M  # each position's C×k block has fan-in C = fan_in / M
     gs = []
     for p, part in enumerate(x.parts):
@@ -880,12 +876,7 @@ def _concat_linear(low: Lowering, node, x: Concat, W: Param, bias):
     P = low.program
     v1, v2 = low.init_variance(W)
     f1, f2 = low.c.dims[W.node].small[1], low.c.dims[W.node].large[1]
-    k = math.log(v1 / v2) / math.log(f2 / f1)
-    if abs(k - 1) > 1e-6:
-        raise WidthError(
-            f"parameter {W.name}: per-entry variance scales like fan_in^(-{k:.3f}); the limit "
-            "needs fan_in^(-1). Initialize it with variance σ²/fan_in."
-        )
+    check_fan_in_scaling(W.name, (v1, v2), (f1, f2))
     gs = []
     for i, (part, size) in enumerate(zip(x.parts, x.sizes)):
         key = f"{W.name}#block{i}"

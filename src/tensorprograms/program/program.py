@@ -324,6 +324,22 @@ class Program:
         # are enough to learn shapes and structure.
         return [torch.ones(p.shape, dtype=torch.float64) if isinstance(p, Scalar) else p for p in ps]
 
+    def _prepare(self, fn, xs, params, elementwise, text: str, kind: str):
+        """Check a Nonlin/Moment's arguments and probe its function: shapes, elementwise."""
+        where = self._where(text)
+        if not callable(fn):
+            raise ProgramError(f"{where}: {fn!r} is not callable.")
+        vecs, ps = self._split_args(xs, params, where)
+        if not vecs:
+            raise ProgramError(f"{where}: a {kind} needs at least one vector argument.")
+        self._check_same_width(vecs, where)
+        shapes = [x.shape for x in vecs]
+        probe_ps = self._probe_params(ps)
+        out_shape = probe_output_shape(fn, shapes, probe_ps, where)
+        if elementwise is None:
+            elementwise = is_elementwise(fn, shapes, probe_ps, out_shape)
+        return vecs, ps, shapes, out_shape, bool(elementwise)
+
     def nonlin(
         self,
         fn: Callable[..., torch.Tensor],
@@ -339,18 +355,9 @@ class Program:
         ``elementwise`` (None: detected by probing) says fn is one scalar function at
         every finite index, which lets the engine use low-dimensional expectations.
         """
-        where = self._where(f"{function_name(fn)}(…)")
-        if not callable(fn):
-            raise ProgramError(f"{where}: {fn!r} is not callable.")
-        vecs, ps = self._split_args(xs, params, where)
-        if not vecs:
-            raise ProgramError(f"{where}: a Nonlin needs at least one vector argument.")
-        self._check_same_width(vecs, where)
-        shapes = [x.shape for x in vecs]
-        probe_ps = self._probe_params(ps)
-        out_shape = probe_output_shape(fn, shapes, probe_ps, where)
-        if elementwise is None:
-            elementwise = is_elementwise(fn, shapes, probe_ps, out_shape)
+        vecs, ps, shapes, out_shape, elementwise = self._prepare(
+            fn, xs, params, elementwise, f"{function_name(fn)}(…)", "Nonlin"
+        )
         out = Vector(self, self._fresh(name, "x"), out_shape, vecs[0].ratio, "H")
         linear = len(vecs) == 1 and not ps and not elementwise and is_linear(fn, shapes)
         ins = Nonlin(out, fn, tuple(vecs), tuple(ps), bool(elementwise), linear=linear)
@@ -365,18 +372,9 @@ class Program:
         elementwise: bool | None = None,
     ) -> Scalar:
         """``(1/n) Σ_α fn(xs_α, params)``: a scalar (finite shape = fn's output shape)."""
-        where = self._where(f"Moment {function_name(fn)}(…)")
-        if not callable(fn):
-            raise ProgramError(f"{where}: {fn!r} is not callable.")
-        vecs, ps = self._split_args(xs, params, where)
-        if not vecs:
-            raise ProgramError(f"{where}: a Moment needs at least one vector argument.")
-        self._check_same_width(vecs, where)
-        shapes = [x.shape for x in vecs]
-        probe_ps = self._probe_params(ps)
-        out_shape = probe_output_shape(fn, shapes, probe_ps, where)
-        if elementwise is None:
-            elementwise = is_elementwise(fn, shapes, probe_ps, out_shape)
+        vecs, ps, shapes, out_shape, elementwise = self._prepare(
+            fn, xs, params, elementwise, f"Moment {function_name(fn)}(…)", "Moment"
+        )
         out = Scalar(self, self._fresh(name, "θ"), out_shape)
         ins = Moment(out, fn, tuple(vecs), tuple(ps), bool(elementwise))
         return self._append(ins)  # type: ignore[return-value]
