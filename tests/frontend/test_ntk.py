@@ -12,7 +12,7 @@ from torch import nn
 
 import tensorprograms as tp
 
-from .models import MLP, SB2, SW2
+from .models import MLP, SB2, SW2, init_
 
 
 def relu_pair_derivs(a, b, c):
@@ -74,16 +74,72 @@ def test_ntk_two_batches_and_symmetry(x):
     torch.testing.assert_close(theta, full, rtol=1e-13, atol=0)
 
 
+class LN(nn.Module):
+    def __init__(self, width, affine=False):
+        super().__init__()
+        self.a, self.h, self.b = nn.Linear(6, width), nn.Linear(width, width), nn.Linear(width, 3)
+        self.ln = nn.LayerNorm(width, elementwise_affine=affine)
+        init_(self)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.ln(self.h(torch.relu(self.a(x))))))
+
+
+def test_layernorm_mlp_ntk_equals_recursion(x):
+    """LayerNorm maps (K, Θ) to (K, Θ) / sqrt((K_aa + ε)(K_bb + ε)): in the limit the
+    statistics' gradient terms vanish (the backward pass is odd in the readout seeds)."""
+    X = x.numpy()
+    K = SW2 * X @ X.T / X.shape[1] + SB2
+    theta = K.copy()
+    for layer in range(2):
+        k1 = np.empty_like(K)
+        k0 = np.empty_like(K)
+        for i in range(len(K)):
+            for j in range(len(K)):
+                k1[i, j], k0[i, j] = relu_pair_derivs(K[i, i], K[j, j], K[i, j])
+        K = SW2 * k1 + SB2
+        theta = K + SW2 * k0 * theta
+        if layer == 0:
+            d = np.sqrt(np.outer(np.diag(K) + 1e-5, np.diag(K) + 1e-5))
+            K, theta = K / d, theta / d
+    limit = tp.infinite_width(LN, x)
+    np.testing.assert_allclose(limit.ntk(x).numpy(), theta, rtol=1e-10, atol=0)
+
+
+def test_frozen_parameters_drop_out(x):
+    def frozen(w):
+        m = MLP(w, torch.relu)
+        m.hidden[0].weight.requires_grad_(False)
+        return m
+
+    full = tp.infinite_width(lambda w: MLP(w, torch.relu), x).ntk(x).numpy()
+    part = tp.infinite_width(frozen, x).ntk(x).numpy()
+    # the hidden weight's term is σ² E[dh dh'] E[x x'] = Θ-difference; check it independently:
+    X = x.numpy()
+    K1 = SW2 * X @ X.T / X.shape[1] + SB2
+    k1 = np.empty_like(K1)
+    k0 = np.empty_like(K1)
+    for i in range(len(K1)):
+        for j in range(len(K1)):
+            k1[i, j], k0[i, j] = relu_pair_derivs(K1[i, i], K1[j, j], K1[i, j])
+    K2 = SW2 * k1 + SB2
+    a, b, c = np.diag(K2)[:, None], np.diag(K2)[None, :], K2
+    k0_2 = (math.pi - np.arccos(np.clip(c / np.sqrt(a * b), -1, 1))) / (2 * math.pi)
+    # d(out)/d(h2) has E[dh2 dh2'] = σ² k0(K2); the hidden weight's term: that × σ² k1(K1)
+    expected_term = SW2 * k0_2 * SW2 * k1
+    np.testing.assert_allclose(full - part, expected_term, rtol=1e-10, atol=1e-14)
+
+
 def test_ntk_errors(x):
-    class LN(nn.Module):
-        def __init__(self, width):
-            super().__init__()
-            self.a, self.ln, self.b = nn.Linear(6, width), nn.LayerNorm(width), nn.Linear(width, 3)
+    with pytest.raises(tp.UnsupportedOperation, match="LayerNorm parameters"):
+        tp.infinite_width(lambda w: LN(w, affine=True), x).ntk(x)
 
-        def forward(self, x):
-            return self.b(self.ln(self.a(x)))
+    def nothing_trains(w):
+        m = MLP(w, torch.relu)
+        m.requires_grad_(False)
+        return m
 
-    with pytest.raises(tp.UnsupportedOperation, match="LayerNorm"):
-        tp.infinite_width(LN, x).ntk(x)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        tp.infinite_width(nothing_trains, x).ntk(x)
     with pytest.raises(ValueError, match="parametrization='ntk'"):
         tp.infinite_width(lambda w: MLP(w, torch.relu), x, parametrization="standard").ntk(x)

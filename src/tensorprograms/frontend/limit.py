@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UnsupportedOperation
 from ..master import master_theorem
 from ..program.program import Program
 from .capture import Captured, capture
@@ -62,6 +63,7 @@ class InfiniteWidthLimit:
         inputs = tuple(x.to(torch.float64) for x in inputs)
         low = Lowering(self._capture(inputs), inputs, self.inits)
         out = low.run()
+        self._lowering = low
         if not isinstance(out, Vec) or not out.iid_outputs:
             raise ValueError(
                 "the model's output is not a readout of width-sized features (e.g. a final "
@@ -107,7 +109,20 @@ class InfiniteWidthLimit:
         batch = xs[0].shape[0]
         if out.var.shape != (batch,):
             raise ValueError("the NTK needs a [batch, k] output (per-output kernel)")
-        theta, limit = ntk_of(program, out.var, batch, master_theorem)
+        low = self._lowering
+        model = self._capture(xs).modules[0]
+        grads = {name: p.requires_grad for name, p in model.named_parameters()}
+        frozen_folded = [n for n in low.folded if grads.get(n, False)]
+        if frozen_folded:
+            raise UnsupportedOperation(
+                f"NTK: the trainable LayerNorm parameters {frozen_folded} are not part of the "
+                "NTK construction yet; use nn.LayerNorm(..., elementwise_affine=False) or set "
+                "their requires_grad=False."
+            )
+        if not any(grads.get(low.param_of.get(v), False) for v in program.variables):
+            raise ValueError("the model has no trainable parameters: its NTK is zero.")
+        theta, limit = ntk_of(program, out.var, batch, master_theorem,
+                              trainable=lambda v: grads.get(low.param_of.get(v), False))
         K = _per_example(limit.second_moment(out.var), batch)
         if x2 is None:
             return K, theta

@@ -56,6 +56,18 @@ class Lowering:
         self._columns: dict[str, Any] = {}
         self._biases: dict[str, Any] = {}
         self.node: fx.Node | None = None
+        self.param_of: dict[Any, str] = {}  # program matrix/vector -> the parameter it stands for
+        self.folded: list[str] = []  # parameters folded into constants (LayerNorm affine)
+
+    def new_matrix(self, param: str, name: str, variance: float):
+        m = self.program.matrix(name, variance=variance)
+        self.param_of[m] = param
+        return m
+
+    def new_vector(self, param: str, name: str, **kwargs):
+        v = self.program.vector(name, **kwargs)
+        self.param_of[v] = param
+        return v
 
     # ------------------------------------------------------------------ helpers
     def where(self, node: fx.Node | None = None) -> str:
@@ -155,7 +167,7 @@ class Lowering:
         v1, v2 = self.init_variance(p)
         check_fan_in_scaling(p.name, (v1, v2), fan_in)
         sigma2 = v1 * fan_in[0]
-        self._matrices[p.name] = self.program.matrix(_tp_name(p.name), variance=sigma2)
+        self._matrices[p.name] = self.new_matrix(p.name, _tp_name(p.name), sigma2)
         return self._matrices[p.name]
 
     def columns(self, p: Param):
@@ -170,7 +182,7 @@ class Lowering:
             d = p.shape[1]
             if v1 <= 0:
                 raise WidthError(f"parameter {p.name} is initialized to a constant.")
-            self._columns[p.name] = self.program.vector(_tp_name(p.name), shape=(d,), variance=v1)
+            self._columns[p.name] = self.new_vector(p.name, _tp_name(p.name), shape=(d,), variance=v1)
         return self._columns[p.name]
 
     def columns_conv(self, p: Param, fan_in: int):
@@ -182,7 +194,9 @@ class Lowering:
                     f"parameter {p.name} has a finite fan-in but its variance changes with width "
                     f"({v1:.4g} vs {v2:.4g}) or is zero."
                 )
-            self._columns[p.name] = self.program.vector(_tp_name(p.name), shape=(fan_in,), variance=v1)
+            self._columns[p.name] = self.new_vector(
+                p.name, _tp_name(p.name), shape=(fan_in,), variance=v1
+            )
         return self._columns[p.name]
 
     def matrix_conv(self, p: Param, offset: int, fan_in: tuple[int, int], K: int):
@@ -193,9 +207,7 @@ class Lowering:
             f1, f2 = fan_in
             check_fan_in_scaling(p.name, (v1, v2), fan_in)
             # entries have variance v = (v·K·C_in/K)/C_in: each offset's matrix has σ² = v·C_in
-            self._matrices[key] = self.program.matrix(
-                f"{_tp_name(p.name)}_k{offset}", variance=v1 * f1 / K
-            )
+            self._matrices[key] = self.new_matrix(p.name, f"{_tp_name(p.name)}_k{offset}", v1 * f1 / K)
         return self._matrices[key]
 
     def bias(self, p: Param):
@@ -214,7 +226,7 @@ class Lowering:
             # PyTorch's default: variance ∝ 1/fan_in → zero in the limit
             self._biases[p.name] = None
         else:
-            self._biases[p.name] = self.program.vector(_tp_name(p.name), variance=v1)
+            self._biases[p.name] = self.new_vector(p.name, _tp_name(p.name), variance=v1)
         return self._biases[p.name]
 
 
@@ -503,7 +515,7 @@ def _readout_bias(low: Lowering, p: Param):
     v1, v2 = low.init_variance(p)
     if v1 == 0.0 or v2 < v1 * (1 - 1e-9):
         return None
-    return low.program.vector(_tp_name(p.name), variance=v1)
+    return low.new_vector(p.name, _tp_name(p.name), variance=v1)
 
 
 @rule(aten.addmm.default)
@@ -577,6 +589,7 @@ def _layer_norm(low: Lowering, node, args):
             gain = m1
         else:
             shift = m1
+        low.folded.append(p.name)
 
     def norm(u, mean, second, _eps=float(eps), _g=gain, _s=shift):
         return _g * (u - mean) / torch.sqrt(second - mean * mean + _eps) + _s
@@ -696,7 +709,7 @@ def _merged_readout(low: Lowering, node, x: Merged, W: Param, bias):
     sigma2 = v1 * f1 / M  # each position's C×k block has fan-in C = fan_in / M
     gs = []
     for p, part in enumerate(x.parts):
-        Mp = P.matrix(f"{_tp_name(W.name)}_pos{p}", variance=sigma2)
+        Mp = low.new_matrix(W.name, f"{_tp_name(W.name)}_pos{p}", sigma2)
         gs.append(Mp @ part.var)
     g = P.lincomb([1.0] * len(gs), gs)
     if bias is not None:
@@ -881,7 +894,7 @@ def _concat_linear(low: Lowering, node, x: Concat, W: Param, bias):
     for i, (part, size) in enumerate(zip(x.parts, x.sizes)):
         key = f"{W.name}#block{i}"
         if key not in low._matrices:
-            low._matrices[key] = P.matrix(f"{_tp_name(W.name)}_block{i}", variance=v1 * size)
+            low._matrices[key] = low.new_matrix(W.name, f"{_tp_name(W.name)}_block{i}", v1 * size)
         gs.append(low._matrices[key] @ part.var)
     g = P.lincomb([1.0] * len(gs), gs)
     readout = 0 not in W.width_axes

@@ -106,9 +106,15 @@ def _part(fn, shapes, i):
     return part
 
 
-def ntk_of(program: Program, output: Vector, batch: int, master_theorem):
+def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainable=None):
     """Θ [batch, batch] for the per-output kernel of ``output`` (a sum of readouts), and
-    the limit object of the extended program (its caches serve the NNGP too)."""
+    the limit object of the extended program (its caches serve the NNGP too).
+
+    ``trainable(primitive) -> bool`` drops frozen parameters' contributions (their
+    cotangents still flow). Width averages (Moments, e.g. LayerNorm statistics) are held
+    fixed in the backward pass: their gradient term is E[dy ∂_θφ] · ψ'(x), and E[dy ·]
+    vanishes because the backward pass is odd in the readout seeds, which are independent
+    of the forward pass (TP II)."""
     Q = program
     uses: dict[object, list[tuple[Vector, object]]] = defaultdict(list)  # primitive -> (a, da)
     cot: dict[Vector, list] = defaultdict(list)  # var -> cotangent pieces (Vector or tensor)
@@ -175,11 +181,6 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem):
                     "NTK: a nonlinearity applied to the model's outputs; only sums of readouts "
                     "are supported as outputs."
                 )
-            if any(isinstance(p, Scalar) for p in ins.params):
-                raise UnsupportedOperation(
-                    "NTK through width averages (LayerNorm, RMSNorm: Moments) is not supported "
-                    "yet: their backward pass has terms this construction does not build."
-                )
             shapes = [x.shape for x in ins.xs]
             for i, x in enumerate(ins.xs):
                 if not x.shape or x.shape[0] != batch:
@@ -194,16 +195,25 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem):
                     # independent in the limit (forward vs backward), which the engine factors
                     jac = Q.nonlin(_diag_jacobian(ins.fn, shapes, i), *ins.xs, params=ins.params,
                                    elementwise=True)
+                    # keep cotangents as (forward factor) × (backward vector): the engine
+                    # factors E[(F B) ⊗ (F' B')] only when the two groups are independent
+                    inner = d.instruction
+                    if isinstance(inner, Nonlin) and inner.fn is F.product:
+                        fwd, back = inner.xs
+                        jac = Q.nonlin(F.product, jac, fwd, elementwise=True)
+                        d = back
                     cot[x].append(Q.nonlin(F.product, jac, d, elementwise=True))
                 else:
                     fn = _vjp_fn(ins.fn, shapes, i, out.shape, len(ins.params), False)
                     cot[x].append(Q.nonlin(fn, *ins.xs, d, params=ins.params))
         elif isinstance(ins, Moment):
-            raise UnsupportedOperation("NTK through Moments (width averages) is not supported yet.")
+            continue  # held fixed: see the docstring
 
     limit = master_theorem(Q)
     theta = torch.zeros(batch, batch, dtype=torch.float64)
-    for items in uses.values():
+    for prim, items in uses.items():
+        if trainable is not None and not trainable(prim):
+            continue
         for a_i, d_i in items:
             for a_j, d_j in items:
                 C = limit.cov(a_i, a_j)  # [*F_i, *F_j]
