@@ -28,10 +28,11 @@ _CHUNK_PARAM_ENTRIES = 2**25
 
 @dataclass
 class EmpiricalKernel:
-    """Monte Carlo estimate of the per-output NNGP kernel at one width.
+    """Monte Carlo estimate of a per-output kernel (NNGP, or NTK from ``ntk_mean``) at one width.
 
     Attributes:
-        mean: ``[N1, N2]`` float64, average over samples of ``f(x1) f(x2)ᵀ / k``.
+        mean: ``[N1, N2]`` float64, average over samples of the per-sample kernel
+            (``f(x1) f(x2)ᵀ / k`` for the NNGP).
         stderr: ``[N1, N2]``, standard error of ``mean`` across samples.
         samples: number of independently initialized networks.
         width: the width passed to the factory.
@@ -214,9 +215,9 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "empirical NNGP"):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="empirical NNGP", unit="net")
+    return tqdm(total=total, desc=desc, unit="net")
