@@ -56,7 +56,7 @@ def psd_cholesky(cov: torch.Tensor) -> torch.Tensor:
 def psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
     """A square root A with A Aᵀ = cov for a large PSD matrix (eigendecomposition)."""
     lam, vec = torch.linalg.eigh(cov)
-    return vec * lam.clamp_min(0).sqrt()
+    return vec * lam.clamp_min(0).sqrt().unsqueeze(-2)
 
 
 @functools.lru_cache(maxsize=32)
