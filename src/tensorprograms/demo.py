@@ -13,10 +13,16 @@ from tensorprograms import functions as F
 from tensorprograms.examples import mlp
 
 
+def _heading(text: str, first: bool = False) -> None:
+    if not first:
+        print()
+    print("=" * 72)
+    print(text)
+    print("=" * 72)
+
+
 def small_program() -> None:
-    print("=" * 72)
-    print("1. A hand-written Tensor Program")
-    print("=" * 72)
+    _heading("1. A hand-written Tensor Program", first=True)
     P = tp.Program()
     x = P.vector("x", shape=(2,), cov=torch.tensor([[1.0, 0.5], [0.5, 2.0]]))
     W = P.matrix("W", variance=1.5)
@@ -40,10 +46,7 @@ def small_program() -> None:
 
 
 def mlp_kernel() -> None:
-    print()
-    print("=" * 72)
-    print("2. NNGP kernel of a 3-layer ReLU MLP (weights N(0, 2/fan_in), biases N(0, 0.1))")
-    print("=" * 72)
+    _heading("2. NNGP kernel of a 3-layer ReLU MLP (weights N(0, 2/fan_in), biases N(0, 0.1))")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 8, generator=gen, dtype=torch.float64)
     x = x * torch.linspace(0.5, 2.0, 5, dtype=torch.float64)[:, None]
@@ -80,10 +83,7 @@ class TanhMLP(torch.nn.Module):
 
 
 def pytorch_model() -> None:
-    print()
-    print("=" * 72)
-    print("3. An ordinary PyTorch module: tp.infinite_width vs the real module at finite width")
-    print("=" * 72)
+    _heading("3. An ordinary PyTorch module: tp.infinite_width vs the real module at finite width")
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 8, generator=gen, dtype=torch.float64)
     t = time.perf_counter()

@@ -29,17 +29,22 @@ def erf_pair_derivs(a, b, c):
     return k1, k0
 
 
+def pair_matrices(K: np.ndarray, pair) -> tuple[np.ndarray, np.ndarray]:
+    """(E[φ(u)φ(v)], E[φ'(u)φ'(v)]) for every pair of inputs under the covariance K."""
+    k1, k0 = np.empty_like(K), np.empty_like(K)
+    for i in range(len(K)):
+        for j in range(len(K)):
+            k1[i, j], k0[i, j] = pair(K[i, i], K[j, j], K[i, j])
+    return k1, k0
+
+
 def ntk_recursion(X: np.ndarray, pair, depth: int, bias: bool) -> np.ndarray:
     """Jacot et al. 2018 / Arora et al. 2019: Θ^{l+1} = K^{l+1} + σ_w² E[φ'φ'] Θ^l."""
     sb = SB2 if bias else 0.0
     K = SW2 * X @ X.T / X.shape[1] + sb
     theta = K.copy()
     for _ in range(depth):
-        k1 = np.empty_like(K)
-        k0 = np.empty_like(K)
-        for i in range(len(K)):
-            for j in range(len(K)):
-                k1[i, j], k0[i, j] = pair(K[i, i], K[j, j], K[i, j])
+        k1, k0 = pair_matrices(K, pair)
         K = SW2 * k1 + sb
         theta = K + SW2 * k0 * theta
     return theta
@@ -92,11 +97,7 @@ def test_layernorm_mlp_ntk_equals_recursion(x):
     K = SW2 * X @ X.T / X.shape[1] + SB2
     theta = K.copy()
     for layer in range(2):
-        k1 = np.empty_like(K)
-        k0 = np.empty_like(K)
-        for i in range(len(K)):
-            for j in range(len(K)):
-                k1[i, j], k0[i, j] = relu_pair_derivs(K[i, i], K[j, j], K[i, j])
+        k1, k0 = pair_matrices(K, relu_pair_derivs)
         K = SW2 * k1 + SB2
         theta = K + SW2 * k0 * theta
         if layer == 0:
@@ -117,11 +118,7 @@ def test_frozen_parameters_drop_out(x):
     # the hidden weight's term is σ² E[dh dh'] E[x x'] = Θ-difference; check it independently:
     X = x.numpy()
     K1 = SW2 * X @ X.T / X.shape[1] + SB2
-    k1 = np.empty_like(K1)
-    k0 = np.empty_like(K1)
-    for i in range(len(K1)):
-        for j in range(len(K1)):
-            k1[i, j], k0[i, j] = relu_pair_derivs(K1[i, i], K1[j, j], K1[i, j])
+    k1, _ = pair_matrices(K1, relu_pair_derivs)
     K2 = SW2 * k1 + SB2
     a, b, c = np.diag(K2)[:, None], np.diag(K2)[None, :], K2
     k0_2 = (math.pi - np.arccos(np.clip(c / np.sqrt(a * b), -1, 1))) / (2 * math.pi)
