@@ -76,39 +76,78 @@ class SmallCNN(nn.Module):
         return self.fc(torch.relu(self.c2(h)).mean(-1))
 
 
-def test_small_cnn_recursion():
-    """The CNN-GP recursion (Novak et al. 2019; Garriga-Alonso et al. 2019) with average and
-    global pooling, written over all position pairs."""
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(4, 2, 8, generator=gen) * torch.tensor([0.5, 1.0, 1.5, 2.0])[:, None, None]
-    X = x.numpy()
-    N, C, L = X.shape
+def conv_cov(S: np.ndarray, bias: float = SB2) -> np.ndarray:
+    """S[a, p, b, q] (per channel) -> the same after conv(kernel 3, padding 1), NTK param."""
+    Lp = S.shape[1]
+    out = np.zeros_like(S)
+    for p in range(Lp):
+        for q in range(Lp):
+            tot = 0.0
+            for k in range(3):
+                pp, qq = p + k - 1, q + k - 1
+                if 0 <= pp < Lp and 0 <= qq < Lp:
+                    tot = tot + S[:, pp, :, qq]
+            out[:, p, :, q] = SW2 / 3 * tot + bias
+    return out
 
-    def conv_cov(S, fan_in_channels):
-        """S[a, p, b, q] = E[z_a,p z_b,q] (per channel) -> covariance after conv(3, pad 1)."""
-        Lp = S.shape[1]
-        out = np.zeros_like(S)
-        for p in range(Lp):
-            for q in range(Lp):
-                tot = 0.0
-                for k in range(3):
-                    pp, qq = p + k - 1, q + k - 1
-                    if 0 <= pp < Lp and 0 <= qq < Lp:
-                        tot = tot + S[:, pp, :, qq]
-                out[:, p, :, q] = SW2 / 3 * tot + SB2
-        return out
 
-    S0 = np.einsum("acp,bcq->apbq", X, X) / C  # input second moments, averaged over channels
-    K1 = conv_cov(S0, C)
-    flat = K1.reshape(N * L, N * L)
-    R = apply_pair(flat, relu_pair).reshape(N, L, N, L)
-    P = np.zeros((N, L // 2, N, L // 2))  # average pooling, window 2
+def avg_pool_cov(R: np.ndarray) -> np.ndarray:
+    N, L = R.shape[0], R.shape[1]
+    P = np.zeros((N, L // 2, N, L // 2))
     for p in range(L // 2):
         for q in range(L // 2):
             P[:, p, :, q] = R[:, 2 * p:2 * p + 2, :, 2 * q:2 * q + 2].mean(axis=(1, 3))
-    K2 = conv_cov(P, None)
+    return P
+
+
+def cnn_input():
+    gen = torch.Generator().manual_seed(6)
+    return torch.randn(4, 2, 8, generator=gen) * torch.tensor([0.5, 1.0, 1.5, 2.0])[:, None, None]
+
+
+def test_small_cnn_recursion():
+    """The CNN-GP recursion (Novak et al. 2019; Garriga-Alonso et al. 2019) with average and
+    global pooling, written over all position pairs."""
+    x = cnn_input()
+    X = x.numpy()
+    N, C, L = X.shape
+
+    S0 = np.einsum("acp,bcq->apbq", X, X) / C  # input second moments, averaged over channels
+    K1 = conv_cov(S0)
+    flat = K1.reshape(N * L, N * L)
+    R = apply_pair(flat, relu_pair).reshape(N, L, N, L)
+    P = avg_pool_cov(R)
+    K2 = conv_cov(P)
     R2 = apply_pair(K2.reshape(N * (L // 2), -1), relu_pair).reshape(N, L // 2, N, L // 2)
     expected = SW2 * R2.mean(axis=(1, 3)) + SB2
     limit = tp.infinite_width(SmallCNN, x).nngp(x).numpy()
     np.testing.assert_allclose(limit, expected, rtol=1e-10, atol=0)
     assert math.isfinite(limit.sum())
+
+
+def relu_k0(flat: np.ndarray) -> np.ndarray:
+    """E[relu'(u) relu'(v)] = (π - θ)/(2π) for every pair (arc-cosine kernel of order 0)."""
+    d = np.sqrt(np.outer(np.diag(flat), np.diag(flat)))
+    return (math.pi - np.arccos(np.clip(flat / d, -1, 1))) / (2 * math.pi)
+
+
+def test_small_cnn_ntk_recursion():
+    """The CNN-NTK recursion (Arora et al. 2019) over all position pairs, NTK parametrization:
+    relu multiplies Θ by E[relu'relu'], pooling and convolution act on Θ as on K."""
+    x = cnn_input()
+    X = x.numpy()
+    N, C, L = X.shape
+    K1 = conv_cov(np.einsum("acp,bcq->apbq", X, X) / C)
+    T1 = K1.copy()
+    flat = K1.reshape(N * L, -1)
+    R = apply_pair(flat, relu_pair).reshape(K1.shape)
+    T = (relu_k0(flat) * T1.reshape(N * L, -1)).reshape(K1.shape)
+    K2 = conv_cov(avg_pool_cov(R))
+    T2 = K2 + conv_cov(avg_pool_cov(T), bias=0.0)
+    flat2 = K2.reshape(N * (L // 2), -1)
+    R2 = apply_pair(flat2, relu_pair).reshape(K2.shape)
+    T2r = (relu_k0(flat2) * T2.reshape(N * (L // 2), -1)).reshape(K2.shape)
+    K3 = SW2 * R2.mean(axis=(1, 3)) + SB2
+    expected = K3 + SW2 * T2r.mean(axis=(1, 3))
+    theta = tp.infinite_width(SmallCNN, x).ntk(x).numpy()
+    np.testing.assert_allclose(theta, expected, rtol=1e-10, atol=0)
