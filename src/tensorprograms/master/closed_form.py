@@ -60,7 +60,7 @@ def terms_of(fn: Callable | None) -> Terms | None:
 
 
 def _mean_base(base: str, v: torch.Tensor) -> torch.Tensor | None:
-    s = v.clamp_min(0).sqrt()
+    s = _safe_sqrt(v)
     if base in ("id", "erf", "sin"):
         return torch.zeros_like(v)
     if base == "relu":
@@ -78,13 +78,23 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(b > 0, a / torch.where(b > 0, b, 1.0), 0.0)
 
 
+def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
+    """sqrt with a finite gradient at 0 (the gradient there is taken as 0)."""
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, 1.0).sqrt(), 0.0)
+
+
 def _cross_base(b1: str, b2: str, v1, v2, c) -> torch.Tensor | None:
     """E[b1(u) b2(v)], with Var u = v1, Var v = v2, Cov = c (broadcast shapes)."""
     s1, s2 = v1.clamp_min(0).sqrt(), v2.clamp_min(0).sqrt()
     # sqrt(v1·v2), not s1·s2: a vector paired with itself then gets ρ = 1 exactly, which
     # matters because arccos amplifies rounding near ±1.
-    rho = _safe_div(c, (v1 * v2).clamp_min(0).sqrt()).clamp(-1.0, 1.0)
-    theta = torch.arccos(rho)
+    rho = _safe_div(c, _safe_sqrt(v1 * v2)).clamp(-1.0, 1.0)
+    # arccos' is infinite at ±1, where a vector meets itself (ρ ≡ 1, dρ = 0): take the
+    # gradient from ρ clamped just inside ±1 and the value from ρ itself, so values stay
+    # exact and gradients w.r.t. hyperparameters stay finite.
+    inside = rho.clamp(-1.0 + 1e-15, 1.0 - 1e-15)
+    theta = torch.arccos(inside) + (torch.arccos(rho) - torch.arccos(inside)).detach()
     pair = (b1, b2)
     if pair == ("id", "id"):
         return c + 0 * (v1 + v2)

@@ -40,17 +40,19 @@ def psd_cholesky(cov: torch.Tensor) -> torch.Tensor:
     first node axis, which keeps a ReLU's kink on the grid lines.
     """
     k = cov.shape[-1]
-    L = torch.zeros_like(cov)
-    scale = cov.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1e-300)
+    # built entry by entry without in-place writes, so autograd can differentiate it
+    zero = torch.zeros_like(cov[..., 0, 0])
+    L = [[zero] * k for _ in range(k)]
+    scale = cov.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-300)
     for j in range(k):
-        d = cov[..., j, j] - (L[..., j, :j] ** 2).sum(-1)
-        ok = d > 1e-13 * scale[..., 0]
-        root = torch.where(ok, d.clamp_min(0).sqrt(), 0.0)
-        L[..., j, j] = root
+        d = cov[..., j, j] - sum((L[j][m] ** 2 for m in range(j)), zero)
+        ok = d > 1e-13 * scale
+        root = torch.where(ok, torch.where(ok, d, 1.0).sqrt(), 0.0)  # finite gradient when d = 0
+        L[j][j] = root
         for i in range(j + 1, k):
-            num = cov[..., i, j] - (L[..., i, :j] * L[..., j, :j]).sum(-1)
-            L[..., i, j] = torch.where(ok, num / torch.where(ok, root, 1.0), 0.0)
-    return L
+            num = cov[..., i, j] - sum((L[i][m] * L[j][m] for m in range(j)), zero)
+            L[i][j] = torch.where(ok, num / torch.where(ok, root, 1.0), 0.0)
+    return torch.stack([torch.stack(row, -1) for row in L], -2)
 
 
 def psd_sqrt(cov: torch.Tensor) -> torch.Tensor:

@@ -25,16 +25,18 @@ from .instructions import (
 from .variables import Matrix, Scalar, Var, Vector
 
 
-def _check_positive_finite(value: float, what: str) -> float:
+def _check_positive_finite(value, what: str):
+    """A positive finite number; a 0-d tensor stays a tensor (so gradients flow through it)."""
+    keep = isinstance(value, torch.Tensor) and value.ndim == 0
     try:
-        value = float(value)
+        number = float(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be a real number, got {value!r}") from exc
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}. Pass a positive real number.")
-    if value <= 0:
-        raise ValueError(f"{what} must be positive, got {value}.")
-    return value
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be finite, got {number}. Pass a positive real number.")
+    if number <= 0:
+        raise ValueError(f"{what} must be positive, got {number}.")
+    return value.to(torch.float64) if keep else number
 
 
 class Program:
@@ -162,7 +164,7 @@ class Program:
         if cov is None:
             variance = _check_positive_finite(variance, "vector variance")
             cov_t = variance * torch.eye(numel, dtype=torch.float64).reshape(shape + shape)
-            desc = f"N(0, {variance:g}) iid"
+            desc = f"N(0, {float(variance):g}) iid"
         else:
             cov_t = torch.as_tensor(cov, dtype=torch.float64)
             if tuple(cov_t.shape) != shape + shape:
