@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,9 +50,22 @@ class InfiniteWidthLimit:
         self.parametrization = parametrization
         self.widths = widths
         self.inits = read_initialization(factory, widths, variances=variances)
+        self.hyperparameters = self._default_hyperparameters()
         self._captured: dict[tuple, Captured] = {}
         self._programs: dict[tuple, tuple[Program, Vec]] = {}
         self.program, self.output = self._lower(example_inputs)
+
+    def _default_hyperparameters(self) -> dict[str, torch.Tensor]:
+        """σ² per parameter: per-entry variance × fan-in (weights), the variance (biases).
+
+        Read from the code at the smaller width. Replace or set ``requires_grad`` on these
+        0-d float64 tensors to differentiate the kernels (e.g. a GP marginal likelihood)."""
+        out = {}
+        for name, init in self.inits.items():
+            shape = init.shapes[0]
+            fan_in = math.prod(shape[1:]) if len(shape) >= 2 else 1
+            out[name] = torch.tensor(float(init.variances[0]) * fan_in, dtype=torch.float64)
+        return out
 
     def _capture(self, inputs: tuple[torch.Tensor, ...]) -> Captured:
         key = tuple(tuple(x.shape) for x in inputs)
@@ -61,7 +75,8 @@ class InfiniteWidthLimit:
 
     def _lower(self, inputs: tuple[torch.Tensor, ...]) -> tuple[Program, Vec]:
         inputs = tuple(x.to(torch.float64) for x in inputs)
-        low = Lowering(self._capture(inputs), inputs, self.inits)
+        captured = self._capture(tuple(x.detach() for x in inputs))
+        low = Lowering(captured, inputs, self.inits, self.hyperparameters)
         out = low.run()
         self._lowering = low
         if not isinstance(out, Vec) or not out.iid_outputs:

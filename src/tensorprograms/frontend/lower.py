@@ -46,10 +46,17 @@ class Lowering:
             and ``.means``.
     """
 
-    def __init__(self, captured: Captured, inputs: tuple[torch.Tensor, ...], inits: Mapping[str, Any]):
+    def __init__(
+        self,
+        captured: Captured,
+        inputs: tuple[torch.Tensor, ...],
+        inits: Mapping[str, Any],
+        hyperparameters: Mapping[str, torch.Tensor] | None = None,
+    ):
         self.c = captured
         self.inputs = inputs
         self.inits = inits
+        self.hyper = dict(hyperparameters or {})
         self.program = Program()
         self.env: dict[str, Any] = {}
         self._matrices: dict[str, Any] = {}
@@ -94,6 +101,15 @@ class Lowering:
     def init_variance(self, p: Param) -> tuple[float, float]:
         init = self.inits[p.name]
         return float(init.variances[0]), float(init.variances[1])
+
+    def v(self, p: Param):
+        """Per-entry variance at the small width, as the program uses it: from the
+        hyperparameter tensor σ² (= variance · fan_in) when given, so gradients flow."""
+        if p.name in self.hyper:
+            small = self.c.dims[p.node].small
+            fan_in = math.prod(small[1:]) if len(small) >= 2 else 1
+            return self.hyper[p.name] / fan_in
+        return self.init_variance(p)[0]
 
     def init_mean(self, p: Param) -> tuple[float, float]:
         init = self.inits[p.name]
@@ -166,7 +182,7 @@ class Lowering:
             return self._matrices[p.name]
         v1, v2 = self.init_variance(p)
         check_fan_in_scaling(p.name, (v1, v2), fan_in)
-        sigma2 = v1 * fan_in[0]
+        sigma2 = self.v(p) * fan_in[0]
         self._matrices[p.name] = self.new_matrix(p.name, _tp_name(p.name), sigma2)
         return self._matrices[p.name]
 
@@ -182,7 +198,7 @@ class Lowering:
             d = p.shape[1]
             if v1 <= 0:
                 raise WidthError(f"parameter {p.name} is initialized to a constant.")
-            self._columns[p.name] = self.new_vector(p.name, _tp_name(p.name), shape=(d,), variance=v1)
+            self._columns[p.name] = self.new_vector(p.name, _tp_name(p.name), shape=(d,), variance=self.v(p))
         return self._columns[p.name]
 
     def columns_conv(self, p: Param, fan_in: int):
@@ -195,7 +211,7 @@ class Lowering:
                     f"({v1:.4g} vs {v2:.4g}) or is zero."
                 )
             self._columns[p.name] = self.new_vector(
-                p.name, _tp_name(p.name), shape=(fan_in,), variance=v1
+                p.name, _tp_name(p.name), shape=(fan_in,), variance=self.v(p)
             )
         return self._columns[p.name]
 
@@ -207,7 +223,7 @@ class Lowering:
             f1, f2 = fan_in
             check_fan_in_scaling(p.name, (v1, v2), fan_in)
             # entries have variance v = (v·K·C_in/K)/C_in: each offset's matrix has σ² = v·C_in
-            self._matrices[key] = self.new_matrix(p.name, f"{_tp_name(p.name)}_k{offset}", v1 * f1 / K)
+            self._matrices[key] = self.new_matrix(p.name, f"{_tp_name(p.name)}_k{offset}", self.v(p) * f1 / K)
         return self._matrices[key]
 
     def bias(self, p: Param):
@@ -226,7 +242,7 @@ class Lowering:
             # PyTorch's default: variance ∝ 1/fan_in → zero in the limit
             self._biases[p.name] = None
         else:
-            self._biases[p.name] = self.new_vector(p.name, _tp_name(p.name), variance=v1)
+            self._biases[p.name] = self.new_vector(p.name, _tp_name(p.name), variance=self.v(p))
         return self._biases[p.name]
 
 
@@ -515,7 +531,7 @@ def _readout_bias(low: Lowering, p: Param):
     v1, v2 = low.init_variance(p)
     if v1 == 0.0 or v2 < v1 * (1 - 1e-9):
         return None
-    return low.new_vector(p.name, _tp_name(p.name), variance=v1)
+    return low.new_vector(p.name, _tp_name(p.name), variance=low.v(p))
 
 
 @rule(aten.addmm.default)
@@ -706,7 +722,7 @@ def _merged_readout(low: Lowering, node, x: Merged, W: Param, bias):
     M = len(x.parts)
     f1, f2 = dims1[1], dims2[1]
     check_fan_in_scaling(W.name, (v1, v2), (f1, f2))
-    sigma2 = v1 * f1 / M  # each position's C×k block has fan-in C = fan_in / M
+    sigma2 = low.v(W) * f1 / M  # each position's C×k block has fan-in C = fan_in / M
     gs = []
     for p, part in enumerate(x.parts):
         Mp = low.new_matrix(W.name, f"{_tp_name(W.name)}_pos{p}", sigma2)
@@ -894,7 +910,7 @@ def _concat_linear(low: Lowering, node, x: Concat, W: Param, bias):
     for i, (part, size) in enumerate(zip(x.parts, x.sizes)):
         key = f"{W.name}#block{i}"
         if key not in low._matrices:
-            low._matrices[key] = low.new_matrix(W.name, f"{_tp_name(W.name)}_block{i}", v1 * size)
+            low._matrices[key] = low.new_matrix(W.name, f"{_tp_name(W.name)}_block{i}", low.v(W) * size)
         gs.append(low._matrices[key] @ part.var)
     g = P.lincomb([1.0] * len(gs), gs)
     readout = 0 not in W.width_axes

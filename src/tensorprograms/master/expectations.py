@@ -88,7 +88,7 @@ class Expectations:
                 )
             order = self.orders.get(dim, 8)
             if variance is not None and variance.numel() and dim <= 2:
-                stretch = min(4.0, max(1.0, float(variance.max().clamp_min(0).sqrt()) / 1.5))
+                stretch = min(4.0, max(1.0, float(variance.detach().max().clamp_min(0).sqrt()) / 1.5))
                 order = int(round(order * stretch))
             return "quadrature", {"order": order}
         seed = (self.seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63)

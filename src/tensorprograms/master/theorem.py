@@ -76,7 +76,7 @@ class ProgramLimit:
             raise ProgramError(f"{v.name} is a {type(v).__name__}, not a {what}.")
 
     def _record(self, quantity: str, est: Estimate) -> Estimate:
-        se = None if est.stderr is None else float(est.stderr.max())
+        se = None if est.stderr is None else float(est.stderr.detach().max())
         self.records.append(Record(quantity, est.backend, est.dim, se))
         return est
 

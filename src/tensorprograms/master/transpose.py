@@ -123,7 +123,7 @@ def to_netsor(P: Program, limit_factory) -> tuple[Program, dict[Var, Var], objec
                 if transposed == ins.transpose or independent:
                     continue
                 k = scale * stein_gradient(limit, Q, x, hat)
-                if k.abs().max() > _ZERO * max(1.0, float(k.abs().max())) and k.abs().max() > _ZERO:
+                if k.abs().max() > _ZERO * max(1.0, float(k.detach().abs().max())) and k.abs().max() > _ZERO:
                     kappas.append(k)
                     us.append(u)
             hats[W].append((ins.transpose, g, x))

@@ -40,7 +40,7 @@ class InitMatrix(Instruction):
         m = self.out
         return (
             f"{m.name} : Matrix {_fmt_width(m.out_ratio)}×{_fmt_width(m.in_ratio)}, "
-            f"entries N(0, {float(m.variance):g}/fan_in)"
+            f"entries N(0, {float(torch.as_tensor(m.variance).detach()):g}/fan_in)"
         )
 
 

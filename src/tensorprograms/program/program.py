@@ -25,11 +25,15 @@ from .instructions import (
 from .variables import Matrix, Scalar, Var, Vector
 
 
+def _number(value) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def _check_positive_finite(value, what: str):
     """A positive finite number; a 0-d tensor stays a tensor (so gradients flow through it)."""
     keep = isinstance(value, torch.Tensor) and value.ndim == 0
     try:
-        number = float(value)
+        number = _number(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be a real number, got {value!r}") from exc
     if not math.isfinite(number):
@@ -164,7 +168,7 @@ class Program:
         if cov is None:
             variance = _check_positive_finite(variance, "vector variance")
             cov_t = variance * torch.eye(numel, dtype=torch.float64).reshape(shape + shape)
-            desc = f"N(0, {float(variance):g}) iid"
+            desc = f"N(0, {_number(variance):g}) iid"
         else:
             cov_t = torch.as_tensor(cov, dtype=torch.float64)
             if tuple(cov_t.shape) != shape + shape:
@@ -206,7 +210,7 @@ class Program:
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or Inf; clean the inputs before computing limits.")
         wv = _check_positive_finite(weight_variance, "weight_variance")
-        if bias_variance < 0 or not math.isfinite(bias_variance):
+        if _number(bias_variance) < 0 or not math.isfinite(_number(bias_variance)):
             raise ValueError(f"bias_variance must be finite and >= 0, got {bias_variance}")
         cov = wv * (x @ x.T) / x.shape[1] + bias_variance
         return self.vector(name, shape=(x.shape[0],), cov=cov, ratio=ratio)
