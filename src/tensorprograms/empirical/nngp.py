@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..factory import build
+
 __all__ = ["EmpiricalKernel", "nngp"]
 
 # Parameters held at once by a vmapped chunk of models (float64 entries); ~256 MB.
@@ -74,16 +76,7 @@ def _check_args(factory: Callable, width: int, samples: int, batch_size: int | N
 
 
 def _build(factory: Callable, width: int, seed: int) -> nn.Module:
-    # fork_rng: the caller's global RNG stream is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = factory(width)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"factory({width}) returned {type(model).__name__}, not a torch.nn.Module; "
-            f"the factory must return the model for a given width"
-        )
-    return model.double().eval()
+    return build(factory, width, seed).double().eval()
 
 
 def _as_features(out: object, n: int, where: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from ..errors import WidthError
+from ..factory import build
 
 
 @dataclass
@@ -90,14 +91,7 @@ def capture(
     w1, w2 = widths
     models = []
     for w in widths:
-        torch.manual_seed(0)
-        m = factory(w)
-        if not isinstance(m, torch.nn.Module):
-            raise TypeError(
-                f"factory({w}) returned {type(m).__name__}, not a torch.nn.Module. Pass a "
-                "function width -> nn.Module, e.g. `lambda w: MyNet(width=w)`."
-            )
-        models.append(m.eval().double())
+        models.append(build(factory, w, 0).eval().double())
     inputs = tuple(x.double() for x in inputs)
     eps = [_export(m, inputs) for m in models]
     n1 = [n for n in eps[0].graph.nodes]

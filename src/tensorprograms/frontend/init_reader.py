@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..factory import build
+
 __all__ = ["ParamInit", "fan_in_scaling", "read_initialization"]
 
 
@@ -454,14 +456,8 @@ def _check_widths(widths: Any) -> tuple[int, int]:
 
 
 def _build(factory: Callable[[int], nn.Module], width: int, seed: int) -> tuple[dict, dict, dict]:
-    with torch.random.fork_rng(devices=[]), _recording() as rec:
-        torch.manual_seed(seed)
-        model = factory(width)
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"factory({width}) returned {type(model).__name__}, not a torch.nn.Module; the factory "
-                f"must build and return the model for a given width, e.g. lambda n: MyNet(width=n)"
-            )
+    with _recording() as rec:
+        model = build(factory, width, seed)
         params = dict(model.named_parameters())
         for name, p in params.items():
             if not bool(torch.isfinite(p.detach()).all()):
