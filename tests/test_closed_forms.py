@@ -23,10 +23,12 @@ FUNCTIONS = {
     "exp": F.exp,
     "torch.relu": torch.relu,
     "torch.erf": torch.erf,
+    "aten.relu": torch.ops.aten.relu.default,  # what the PyTorch frontend captures
+    "aten.sin": torch.ops.aten.sin.default,
 }
-PIECEWISE = {"identity", "relu", "step", "abs", "leaky_relu", "affine", "torch.relu"}
+PIECEWISE = {"identity", "relu", "step", "abs", "leaky_relu", "affine", "torch.relu", "aten.relu"}
 ERF = {"identity", "erf", "torch.erf", "affine"}
-TRIG = {"identity", "sin", "cos", "exp", "affine"}
+TRIG = {"identity", "sin", "cos", "exp", "affine", "aten.sin"}
 
 
 def has_closed_form(a: str, b: str) -> bool:

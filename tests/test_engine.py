@@ -144,6 +144,10 @@ def test_master_theorem_errors():
         tp.master_theorem(P2, backend="closed_form").second_moment(y2)
     with pytest.raises(ValueError, match="unknown backend"):
         tp.master_theorem(P2, backend="magic")
+    with pytest.raises(ValueError, match="mc_samples must be at least 2"):
+        tp.master_theorem(P2, mc_samples=1)
+    with pytest.raises(ValueError, match="num_samples must be positive"):
+        tp.master_theorem(P2).sample(y2, 0)
     L = tp.master_theorem(P2)
     other = tp.Program()
     h = other.vector("h")

@@ -158,6 +158,17 @@ def test_bad_covariances():
         P.input_layer(torch.tensor([[1.0, math.nan]]))
 
 
+def test_bad_shapes_and_ratios():
+    P = tp.Program()
+    with pytest.raises(tp.ProgramError, match="positive sizes"):
+        P.vector(shape=(3, 0))
+    with pytest.raises(ValueError, match="ratio must be positive"):
+        P.matrix(out_ratio=0.0)
+    with pytest.raises(tp.ProgramError, match="already used"):
+        P.vector("x")
+        P.vector("x")
+
+
 def test_nonlin_that_does_not_run_on_tensors():
     P = tp.Program()
     x = P.vector("x")

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedOperation, WidthError
+from ..master import closed_form
 from ..program import functions as F
 from ..program.program import Program
 from ..program.variables import Scalar
@@ -293,15 +294,6 @@ def _fold(op, args, kwargs):
 
 
 # ---------------------------------------------------------------------- rules
-CLOSED = {
-    aten.relu.default: F.relu,
-    aten.erf.default: F.erf,
-    aten.sin.default: F.sin,
-    aten.cos.default: F.cos,
-    aten.exp.default: F.exp,
-    aten.abs.default: F.abs,
-}
-
 
 def _align(shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
     return (1,) * (rank - len(shape)) + tuple(shape)
@@ -324,9 +316,10 @@ def pointwise(low: Lowering, node: fx.Node, args: list, kwargs: dict):
     op = node.target
     # closed forms and Gaussian-preserving linear ops
     closed_ok = len(args) >= 1 and isinstance(args[0], Vec) and not args[0].pending
-    if closed_ok and len(args) == 1 and op in CLOSED and not kwargs and args[0].var.is_gaussian:
-        v = args[0]
-        return Vec(low.program.nonlin(CLOSED[op], v.var), out_shape, axis, iid)
+    if (closed_ok and len(args) == 1 and not kwargs and args[0].var.is_gaussian
+            and closed_form.terms_of(op) is not None):
+        # the ATen op itself is the Nonlin: the engine's closed-form table recognises it
+        return Vec(low.program.nonlin(op, args[0].var, elementwise=True), out_shape, axis, iid)
     if op == aten.leaky_relu.default and closed_ok and args[0].var.is_gaussian and not kwargs:
         slope = args[1] if len(args) > 1 else 0.01
         return Vec(low.program.nonlin(F.leaky_relu(slope), args[0].var), out_shape, axis, iid)

@@ -20,14 +20,21 @@ from ..program import functions as F
 SQRT_2PI = math.sqrt(2 * math.pi)
 Terms = tuple[tuple[tuple[float, str], ...], float]  # ((coef, base), ...), const
 
+_aten = torch.ops.aten
+# torch functions and the core ATen ops the frontend captures stand for the same bases
 _BASE_OF: dict[object, str] = {
     torch.relu: "relu",
     torch.nn.functional.relu: "relu",
+    _aten.relu.default: "relu",
     torch.erf: "erf",
     torch.special.erf: "erf",
+    _aten.erf.default: "erf",
     torch.sin: "sin",
+    _aten.sin.default: "sin",
     torch.cos: "cos",
+    _aten.cos.default: "cos",
     torch.exp: "exp",
+    _aten.exp.default: "exp",
 }
 
 
@@ -47,7 +54,7 @@ def terms_of(fn: Callable | None) -> Terms | None:
         return (((1.0, "cos"),), 0.0)
     if fn is F.exp:
         return (((1.0, "exp"),), 0.0)
-    if fn is F.abs or fn is torch.abs:
+    if fn is F.abs or fn is torch.abs or fn is _aten.abs.default:
         return (((2.0, "relu"), (-1.0, "id")), 0.0)
     if isinstance(fn, F.LeakyReLU):
         return (((fn.slope, "id"), (1.0 - fn.slope, "relu")), 0.0)

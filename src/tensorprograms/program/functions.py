@@ -153,4 +153,4 @@ def function_name(fn: object) -> str:
         name = type(fn).__name__
     if name == "<lambda>":
         return "φ"
-    return str(name)
+    return str(name).removesuffix(".default")  # ATen overloads: aten.relu.default -> relu
