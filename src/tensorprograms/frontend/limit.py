@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..errors import UnsupportedOperation
 from ..master import master_theorem
+from ..parametrization.abc import ABCParametrization
 from ..program.program import Program
 from .capture import Captured, capture
 from .init_reader import read_initialization
@@ -41,13 +41,15 @@ class InfiniteWidthLimit:
         self,
         factory: Callable[[int], torch.nn.Module],
         example_inputs: tuple[torch.Tensor, ...],
-        parametrization: str,
+        parametrization: str | ABCParametrization,
         widths: tuple[int, int],
         variances: Mapping[str, Any] | None,
+        nominal_width: int | None = None,
     ):
         self.factory = factory
         self.example_inputs = example_inputs
         self.parametrization = parametrization
+        self.nominal_width = nominal_width
         self.widths = widths
         self.inits = read_initialization(factory, widths, variances=variances)
         self.hyperparameters = self._default_hyperparameters()
@@ -104,20 +106,23 @@ class InfiniteWidthLimit:
         return tuple(torch.cat([a, b]) for a, b in zip(xs1, xs2)), xs1[0].shape[0]
 
     def ntk(self, x1, x2=None) -> torch.Tensor:
-        """The NTK ``[N1, N2]`` (float64, NTK parametrization, per output unit).
+        """The NTK ``[N1, N2]`` (float64, per output unit) in this limit's parametrization.
 
         Built by TP II's construction: the backward pass appended to the forward program,
-        Θ = Σ over parameters and pairs of their uses of E[dh dh'] ⊙ Cov(h, h').
+        Θ = Σ over parameters and pairs of their uses of E[dh dh'] ⊙ Cov(h, h'), each
+        parameter weighted as its parametrization trains it (see docs/frontend.md, "NTK").
         """
         return self.kernels(x1, x2)[1]
 
     def kernels(self, x1, x2=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(nngp, ntk)``, each ``[N1, N2]``, from one program (the NTK's forward part is the
         NNGP's program, so the work is shared)."""
-        if self.parametrization != "ntk":
+        if self.parametrization == "standard" and self.nominal_width is None:
             raise ValueError(
-                "limit.ntk is implemented for parametrization='ntk'; the standard "
-                "parametrization's NTK convention is not defined here yet."
+                "the standard parametrization's NTK grows linearly with the width (hidden "
+                "weights' gradients add up over fan-in n); pass nominal_width=n to "
+                "tp.infinite_width to get the NTK at the width you train (the convention of "
+                "Sohl-Dickstein et al. 2020 and neural-tangents), or use parametrization='ntk'."
             )
         xs, n1 = self._inputs(x1, x2)
         program, out = self._lower(xs)
@@ -127,21 +132,92 @@ class InfiniteWidthLimit:
         low = self._lowering
         model = self._capture(xs).modules[0]
         grads = {name: p.requires_grad for name, p in model.named_parameters()}
-        frozen_folded = [n for n in low.folded if grads.get(n, False)]
-        if frozen_folded:
-            raise UnsupportedOperation(
-                f"NTK: the trainable LayerNorm parameters {frozen_folded} are not part of the "
-                "NTK construction yet; use nn.LayerNorm(..., elementwise_affine=False) or set "
-                "their requires_grad=False."
+        if not any(grads.values()):
+            raise ValueError(
+                "the model has no trainable parameters (every requires_grad is False): its NTK "
+                "is zero. Unfreeze the parameters you train."
             )
-        if not any(grads.get(low.param_of.get(v), False) for v in program.variables):
-            raise ValueError("the model has no trainable parameters: its NTK is zero.")
-        theta, limit = ntk_of(program, out.var, batch, master_theorem,
-                              trainable=lambda v: grads.get(low.param_of.get(v), False))
+        contributions, limit = ntk_of(program, out.var, batch, master_theorem,
+                                      trainable=lambda v: grads.get(low.param_of.get(v), False),
+                                      ghosts=low.ghosts)
+        ghosts = set(low._ghost_prims.values())
+        if isinstance(self.parametrization, ABCParametrization):
+            for prim in contributions:  # first the forward pass, then the training scalings
+                if prim not in ghosts:
+                    self._check_realizes(low.param_of[prim], low)
+        theta = torch.zeros(batch, batch, dtype=torch.float64)
+        for prim, th in contributions.items():
+            weight = self._ntk_weight(low.param_of[prim], prim in ghosts, low)
+            if not (isinstance(weight, float) and weight == 0.0):
+                theta = theta + weight * th
         K = _per_example(limit.second_moment(out.var), batch)
         if x2 is None:
             return K, theta
         return K[:n1, n1:], theta[:n1, n1:]
+
+    def _ntk_weight(self, name: str, ghost: bool, low: Lowering):
+        """The factor of a parameter's contribution Θ_p (its NTK-parametrization term, or
+        for a constant-initialized parameter its unit-learning-rate term).
+
+        With per-entry variance v(n) = κ·n^(-k) (k = 1 for fan-in ∝ width, 0 otherwise):
+        NTK parametrization 1 (constant-initialized: 0); standard at nominal width n₀
+        1/v(n₀) (constant-initialized: 1); an abc-parametrization n^(k−c−2a)/κ, which must
+        not grow with n and keeps only the terms with k − c − 2a = 0.
+        """
+        par = self.parametrization
+        if par == "ntk":
+            return 0.0 if ghost else 1.0
+        if ghost:
+            k, v_small = 0, 1.0
+        else:
+            k, v_small = self._variance_scaling(name, low)
+        w1 = self.widths[0]
+        if par == "standard":
+            return (self.nominal_width / w1) ** k / v_small
+        kind = self._kind(name, low)
+        s = par.layer(kind)
+        e = k - s.c - 2 * s.a
+        if e > 1e-9:
+            raise ValueError(
+                f"the NTK diverges in the {par.name} parametrization: parameter {name!r} "
+                f"({kind}) contributes ∝ width^{e:g} (k − c − 2a with k = {k:g}, a = {s.a:g}, "
+                f"c = {s.c:g}). Scale its learning rate down (c ≥ {k - 2 * s.a:g}), use "
+                "parametrization='ntk', or parametrization='standard' with nominal_width=n."
+            )
+        if e < -1e-9:
+            return 0.0
+        return 1.0 / (v_small * w1**k)
+
+    def _check_realizes(self, name: str, low: Lowering) -> None:
+        """The code's variance exponent must be the abc point's 2(a+b) for the layer kind."""
+        k, _ = self._variance_scaling(name, low)
+        kind = self._kind(name, low)
+        s = self.parametrization.layer(kind)
+        if not math.isclose(k, 2 * (s.a + s.b), abs_tol=1e-9):
+            raise ValueError(
+                f"parameter {name!r} ({kind} weight) has per-entry variance ∝ width^-{k:g} in "
+                f"the code, but the {self.parametrization.name} parametrization's {kind} layers "
+                f"have 2(a+b) = {2 * (s.a + s.b):g}: the code does not realize its forward pass. "
+                "Kernel limits exist for 2(a+b) = 0 (input) and 1 (hidden, output); write the "
+                "model in this parametrization's initialization (tp.mup for μP) or choose another."
+            )
+
+    def _variance_scaling(self, name: str, low: Lowering):
+        """``(k, v)``: per-entry variance ∝ width^-k, ``v`` at the smaller capture width (from
+        the hyperparameters, so gradients flow)."""
+        p = low.params[name]
+        v1, v2 = (float(v) for v in self.inits[name].variances[:2])
+        k = round(math.log(v1 / v2) / math.log(self.widths[1] / self.widths[0]))
+        return k, low.v(p)
+
+    @staticmethod
+    def _kind(name: str, low: Lowering) -> str:
+        """TP IV's layer kinds: fan-in finite → input (biases and gains too); fan-in and
+        fan-out ∝ width → hidden; fan-in ∝ width, finite fan-out → output."""
+        axes = low.params[name].width_axes
+        if len(low.params[name].shape) < 2 or 1 not in axes:
+            return "input"
+        return "hidden" if 0 in axes else "output"
 
     def nngp(self, x1, x2=None) -> torch.Tensor:
         """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit."""
@@ -169,19 +245,32 @@ def infinite_width(
     parametrization: str = "ntk",
     widths: tuple[int, int] = (64, 128),
     variances: Mapping[str, Any] | None = None,
+    nominal_width: int | None = None,
 ) -> InfiniteWidthLimit:
     """The infinite-width limit of the PyTorch model ``factory(width)``.
 
     Args:
         factory: ``width -> nn.Module``; hidden sizes must be proportional to ``width``.
         example_inputs: a tensor or tuple of tensors, batch on dim 0 (sets input shapes).
-        parametrization: ``"ntk"`` or ``"standard"`` (the NNGP is the same for both).
+        parametrization: how training scales with width, which sets the NTK (the NNGP is
+            the same for all): ``"ntk"`` (NTP: each parameter ``σ·ω``, gradients w.r.t.
+            ω), ``"standard"`` (the code as written, gradients w.r.t. the parameters,
+            evaluated at ``nominal_width``), or a
+            :class:`tp.parametrization.ABCParametrization` (TP IV's abc exponents; an error
+            if its NTK diverges or the code's initialization does not realize it).
         widths: the two widths at which the model is captured to infer what grows.
         variances: per-parameter overrides of the initial variances read from the code.
+        nominal_width: for ``"standard"``: the width ``n`` at which hidden fan-ins enter the
+            NTK (it grows ∝ n).
     """
     if not callable(factory):
         raise TypeError("factory must be a callable width -> nn.Module")
-    if parametrization not in PARAMETRIZATIONS:
+    if not isinstance(parametrization, (str, ABCParametrization)):
+        raise TypeError(
+            "parametrization must be 'ntk', 'standard' or a tp.parametrization.ABCParametrization, "
+            f"got {type(parametrization).__name__}"
+        )
+    if isinstance(parametrization, str) and parametrization not in PARAMETRIZATIONS:
         raise ValueError(
             f"parametrization {parametrization!r} is not supported yet; choose one of "
             f"{PARAMETRIZATIONS} (μP and mean field come with the feature-learning limit)."
@@ -191,4 +280,9 @@ def infinite_width(
     w1, w2 = widths
     if not (isinstance(w1, int) and isinstance(w2, int) and 0 < w1 < w2):
         raise ValueError(f"widths must be two increasing positive integers, got {widths}")
-    return InfiniteWidthLimit(factory, inputs, parametrization, (w1, w2), variances)
+    if nominal_width is not None:
+        if parametrization != "standard":
+            raise ValueError("nominal_width applies to parametrization='standard' only")
+        if not isinstance(nominal_width, int) or nominal_width <= 0:
+            raise ValueError(f"nominal_width must be a positive integer, got {nominal_width!r}")
+    return InfiniteWidthLimit(factory, inputs, parametrization, (w1, w2), variances, nominal_width)

@@ -65,7 +65,12 @@ class Lowering:
         self._biases: dict[str, Any] = {}
         self.node: fx.Node | None = None
         self.param_of: dict[Any, str] = {}  # program matrix/vector -> the parameter it stands for
-        self.folded: list[str] = []  # parameters folded into constants (LayerNorm affine)
+        self.params: dict[str, Param] = {}
+        # (primitive, use, target): parameters initialized to a constant (zero-variance
+        # biases, LayerNorm gains and shifts) are absent from the forward program; their
+        # unit-variance stand-ins let the NTK count their gradients (see ntk.ntk_of)
+        self.ghosts: list[tuple[Any, Any, Any]] = []
+        self._ghost_prims: dict[str, Any] = {}
 
     def new_matrix(self, param: str, name: str, variance: float):
         m = self.program.matrix(name, variance=variance)
@@ -128,6 +133,7 @@ class Lowering:
                     self.env[node.name] = Param(
                         self.c.param_of[node.name], node.name, dims.small, dims.width_axes
                     )
+                    self.params[self.c.param_of[node.name]] = self.env[node.name]
                 else:
                     self.env[node.name] = Data(next(user))
             elif node.op == "call_function":
@@ -245,6 +251,34 @@ class Lowering:
         else:
             self._biases[p.name] = self.new_vector(p.name, _tp_name(p.name), variance=self.v(p))
         return self._biases[p.name]
+
+
+    def add_bias(self, p: Param | None, h, readout: bool = False):
+        """``h + b`` for a bias ``p`` (None: no bias). A bias whose variance vanishes with
+        width is absent from the limit's forward pass but still has a gradient: a ghost."""
+        if p is None:
+            return h
+        b = _readout_bias(self, p) if readout else self.bias(p)
+        if b is not None:
+            return self.program.lincomb([1.0, 1.0], [h, b])
+        self.ghost(p, h)
+        return h
+
+    def ghost(self, p: Param, target, factor=None) -> None:
+        """Record a constant-initialized parameter added to ``target`` (or, with ``factor``,
+        multiplying ``factor`` into it): a unit-variance stand-in shaped like ``target``."""
+        if p.name not in self._ghost_prims:
+            self._ghost_prims[p.name] = self.new_vector(p.name, f"{_tp_name(p.name)}~", variance=1.0)
+        prim = self._ghost_prims[p.name]
+        use = self.program.linear(_broadcaster(target.shape), prim, label=f"∂/∂{p.name}")
+        self.ghosts.append((prim, use, target, factor))
+
+
+def _broadcaster(shape: tuple[int, ...]):
+    def broadcast(u, _shape=tuple(shape)):
+        return u.reshape(*u.shape, *[1] * len(_shape)).expand(*u.shape, *_shape).contiguous()
+
+    return broadcast
 
 
 def check_fan_in_scaling(name: str, variances: tuple[float, float], fan_in: tuple[int, int]) -> None:
@@ -494,11 +528,7 @@ def _linear_layer(low: Lowering, node, x, wt, bias):
         cols = low.columns(W)
         X = x.value.reshape(-1, x.value.shape[-1])
         h = P.linear(lambda u, _X=X: u @ _X.T, cols, label=f"{cols.name} · x")
-        if bias is not None:
-            b = low.bias(bias)
-            if b is not None:
-                h = P.lincomb([1.0, 1.0], [h, b])
-        return Vec(h, out_shape, axis)
+        return Vec(low.add_bias(bias, h), out_shape, axis)
     if isinstance(x, Merged):
         return _merged_readout(low, node, x, W, bias)
     if isinstance(x, Concat):
@@ -511,10 +541,7 @@ def _linear_layer(low: Lowering, node, x, wt, bias):
     M = low.matrix(W, (dims1[1], dims2[1]))
     g = M @ x.var
     readout = 0 not in w_width
-    if bias is not None:
-        b = low.bias(bias) if not readout else _readout_bias(low, bias)
-        if b is not None:
-            g = P.lincomb([1.0, 1.0], [g, b])
+    g = low.add_bias(bias, g, readout)
     if readout:
         return Vec(g, out_shape, len(out_shape) - 1, iid_outputs=True)
     return Vec(g, out_shape, axis)
@@ -598,12 +625,20 @@ def _layer_norm(low: Lowering, node, args):
             gain = m1
         else:
             shift = m1
-        low.folded.append(p.name)
 
     def norm(u, mean, second, _eps=float(eps), _g=gain, _s=shift):
         return _g * (u - mean) / torch.sqrt(second - mean * mean + _eps) + _s
 
     y = P.nonlin(norm, x.var, params=(mu, m2))
+    # the gain's gradient is the cotangent times the normalized input, the shift's the cotangent
+    if weight is not None:
+        def normalized(u, mean, second, _eps=float(eps)):
+            return (u - mean) / torch.sqrt(second - mean * mean + _eps)
+
+        unit = P.nonlin(normalized, x.var, params=(mu, m2))
+        low.ghost(weight, y, factor=unit)
+    if bias is not None:
+        low.ghost(bias, y)
     return Tuple_((Vec(y, x.shape, x.axis), None, None))
 
 
@@ -720,11 +755,7 @@ def _merged_readout(low: Lowering, node, x: Merged, W: Param, bias):
     for p, part in enumerate(x.parts):
         Mp = low.new_matrix(W.name, f"{_tp_name(W.name)}_pos{p}", sigma2)
         gs.append(Mp @ part.var)
-    g = P.lincomb([1.0] * len(gs), gs)
-    if bias is not None:
-        b = _readout_bias(low, bias)
-        if b is not None:
-            g = P.lincomb([1.0, 1.0], [g, b])
+    g = low.add_bias(bias, P.lincomb([1.0] * len(gs), gs), readout=True)
     out_shape = low.shape(node)
     return Vec(g, out_shape, len(out_shape) - 1, iid_outputs=True)
 
@@ -869,11 +900,7 @@ def _convolution(low: Lowering, node, args):
         h = P.linear(shifts, *gs, label=f"Σ_offsets shift(conv {weight.name})")
     else:
         raise low.unsupported("a convolution of something other than the input or an activation")
-    if bias is not None:
-        b = low.bias(bias)
-        if b is not None:
-            h = P.lincomb([1.0, 1.0], [h, b])
-    return Vec(h, out_shape, axis)
+    return Vec(low.add_bias(bias, h), out_shape, axis)
 
 
 @rule(aten.cat.default)
@@ -907,10 +934,7 @@ def _concat_linear(low: Lowering, node, x: Concat, W: Param, bias):
         gs.append(low._matrices[key] @ part.var)
     g = P.lincomb([1.0] * len(gs), gs)
     readout = 0 not in W.width_axes
-    if bias is not None:
-        b = _readout_bias(low, bias) if readout else low.bias(bias)
-        if b is not None:
-            g = P.lincomb([1.0, 1.0], [g, b])
+    g = low.add_bias(bias, g, readout)
     out_shape = low.shape(node)
     if readout:
         return Vec(g, out_shape, len(out_shape) - 1, iid_outputs=True)

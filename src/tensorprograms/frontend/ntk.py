@@ -106,9 +106,20 @@ def _part(fn, shapes, i):
     return part
 
 
-def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainable=None):
-    """Θ [batch, batch] for the per-output kernel of ``output`` (a sum of readouts), and
-    the limit object of the extended program (its caches serve the NNGP too).
+def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainable=None,
+           ghosts=()):
+    """Per-primitive NTK contributions ``{primitive: Θ_p [batch, batch]}`` for the per-output
+    kernel of ``output`` (a sum of readouts), and the limit object of the extended program
+    (its caches serve the NNGP too).
+
+    ``Θ_p = Σ_{uses i, j} Σ E[da_i da_j]·Cov(a_i, a_j)`` is the NTK parametrization's
+    contribution of ``p`` (gradients w.r.t. ω in ``p = σ·ω``). ``ghosts`` are
+    ``(primitive, use, target, factor)`` for parameters initialized to a constant: ``use``
+    (not part of the forward pass) is the parameter's unit-variance stand-in shaped like
+    ``target``, the vector it is added to (``factor`` None) or multiplies ``factor`` into
+    (a gain: its gradient is the cotangent times ``factor``, which is not independent of the
+    cotangent, so the product is formed before the expectation); their Θ_p is the
+    contribution per unit learning rate of the parameter itself.
 
     ``trainable(primitive) -> bool`` drops frozen parameters' contributions (their
     cotangents still flow). Width averages (Moments, e.g. LayerNorm statistics) are held
@@ -142,6 +153,21 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             return None
         return vecs[0] if len(vecs) == 1 else add(*vecs)
 
+    ghosts_at: dict[Vector, list] = defaultdict(list)
+    for prim, use, target, factor in ghosts:
+        ghosts_at[target].append((prim, use, factor))
+
+    def times_forward(fwd: Vector, d):
+        """``fwd ⊙ d`` kept as (forward factor) × (backward vector), which the engine factors."""
+        if isinstance(d, torch.Tensor):
+            raise UnsupportedOperation("NTK: a gain applied to the model's outputs")
+        inner = d.instruction
+        if isinstance(inner, Nonlin) and inner.fn is F.product:
+            f, back = inner.xs
+            return Q.nonlin(F.product, Q.nonlin(F.product, fwd, f, elementwise=True), back,
+                            elementwise=True)
+        return Q.nonlin(F.product, fwd, d, elementwise=True)
+
     forward = list(Q.instructions)
     for ins in reversed(forward):
         out = ins.out
@@ -150,6 +176,8 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
         d = total(out)
         if d is None:
             continue
+        for prim, use, factor in ghosts_at.get(out, ()):
+            uses[prim].append((use, d if factor is None else times_forward(factor, d)))
         if isinstance(ins, InitVector):
             continue  # its uses were recorded where it entered a LinComb
         if isinstance(ins, MatMul):
@@ -197,12 +225,7 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                                    elementwise=True)
                     # keep cotangents as (forward factor) × (backward vector): the engine
                     # factors E[(F B) ⊗ (F' B')] only when the two groups are independent
-                    inner = d.instruction
-                    if isinstance(inner, Nonlin) and inner.fn is F.product:
-                        fwd, back = inner.xs
-                        jac = Q.nonlin(F.product, jac, fwd, elementwise=True)
-                        d = back
-                    cot[x].append(Q.nonlin(F.product, jac, d, elementwise=True))
+                    cot[x].append(times_forward(jac, d))
                 else:
                     fn = _vjp_fn(ins.fn, shapes, i, out.shape, len(ins.params), False)
                     cot[x].append(Q.nonlin(fn, *ins.xs, d, params=ins.params))
@@ -210,10 +233,11 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             continue  # held fixed: see the docstring
 
     limit = master_theorem(Q)
-    theta = torch.zeros(batch, batch, dtype=torch.float64)
+    contributions = {}
     for prim, items in uses.items():
         if trainable is not None and not trainable(prim):
             continue
+        theta = torch.zeros(batch, batch, dtype=torch.float64)
         for a_i, d_i in items:
             for a_j, d_j in items:
                 C = limit.cov(a_i, a_j)  # [*F_i, *F_j]
@@ -223,4 +247,5 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                     D = limit.second_moment(d_i, d_j)
                 prod = (C * D).reshape(batch, a_i.numel // batch, batch, a_j.numel // batch)
                 theta = theta + prod.sum(dim=(1, 3))
-    return theta, limit
+        contributions[prim] = theta
+    return contributions, limit
