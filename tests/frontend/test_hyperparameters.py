@@ -34,3 +34,18 @@ def test_gradcheck_kernels_wrt_hyperparameters_and_inputs():
     args = tuple(limit.hyperparameters[n].clone().requires_grad_(True) for n in names)
     args += (x0.clone().requires_grad_(True),)
     assert torch.autograd.gradcheck(kernels, args, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_standard_parametrization_ntk():
+    """In SP the weights 1/v_p(n₀) are built from σ² too, so the NTK stays differentiable."""
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 6, generator=gen)
+    limit = tp.infinite_width(lambda w: MLP(w, torch.relu), x0, parametrization="standard", nominal_width=50)
+    names = ["hidden.0.weight", "inp.weight", "inp.bias"]
+
+    def ntk(a, b, c):
+        limit.hyperparameters.update(dict(zip(names, (a, b, c))))
+        return limit.ntk(x0)
+
+    args = tuple(limit.hyperparameters[n].clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(ntk, args, eps=1e-6, atol=1e-6, rtol=1e-4)
