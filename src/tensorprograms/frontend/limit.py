@@ -17,7 +17,7 @@ from .lower import Lowering
 from .ntk import ntk_of
 from .values import Vec
 
-PARAMETRIZATIONS = ("ntk", "standard")
+PARAMETRIZATIONS = ("ntk", "standard", "mup")
 
 
 def _as_tuple(inputs) -> tuple[torch.Tensor, ...]:
@@ -44,8 +44,12 @@ class InfiniteWidthLimit:
         parametrization: str,
         widths: tuple[int, int],
         variances: Mapping[str, Any] | None,
+        base_width: int | None = None,
     ):
         self.factory = factory
+        self.base_width = base_width
+        self.variances = variances
+        self._mlp = None
         self.example_inputs = example_inputs
         self.parametrization = parametrization
         self.widths = widths
@@ -53,7 +57,29 @@ class InfiniteWidthLimit:
         self.hyperparameters = self._default_hyperparameters()
         self._captured: dict[tuple, Captured] = {}
         self._programs: dict[tuple, tuple[Program, Vec]] = {}
-        self.program, self.output = self._lower(example_inputs)
+        if parametrization == "mup":
+            # μP's limit at init is degenerate (the output is 0); what it has is training.
+            self.program, self.output = None, None
+        else:
+            self.program, self.output = self._lower(example_inputs)
+
+    def trainer(self, optimizer: str = "sgd", *, lr: float, loss: str = "mse", method: str = "auto",
+                particles: int = 2**14, seed: int = 0):
+        """A trainer of the μP limit (``parametrization="mup"`` only): see
+        :func:`tensorprograms.feature_learning.make_trainer` for the arguments."""
+        if self.parametrization != "mup":
+            raise ValueError(
+                f"limit.trainer needs parametrization='mup' (this limit is {self.parametrization!r}, "
+                "whose training limit is kernel regression with the NTK)"
+            )
+        from ..feature_learning.build import check_arguments, make_trainer, read_mlp
+
+        check_arguments(optimizer, lr, loss, method, self.base_width, particles)
+        if self._mlp is None:  # the captured MLP and its init laws, read once per limit
+            self._mlp = read_mlp(self.factory, self.example_inputs[0], self.base_width, self.variances)
+        return make_trainer(self.factory, self.example_inputs[0], self.base_width, optimizer=optimizer,
+                            lr=lr, loss=loss, method=method, particles=particles, seed=seed,
+                            variances=self.variances, model=self._mlp)
 
     def _default_hyperparameters(self) -> dict[str, torch.Tensor]:
         """σ² per parameter: per-entry variance × fan-in (weights), the variance (biases).
@@ -103,6 +129,13 @@ class InfiniteWidthLimit:
             return xs1, xs1[0].shape[0]
         return tuple(torch.cat([a, b]) for a, b in zip(xs1, xs2)), xs1[0].shape[0]
 
+    def _no_kernels_for_mup(self) -> None:
+        if self.parametrization == "mup":
+            raise ValueError(
+                "a μP limit has no NNGP/NTK to report (its output at init is 0 and its features move); "
+                "use limit.trainer(...), or parametrization='ntk' for the kernels"
+            )
+
     def ntk(self, x1, x2=None) -> torch.Tensor:
         """The NTK ``[N1, N2]`` (float64, NTK parametrization, per output unit).
 
@@ -114,6 +147,7 @@ class InfiniteWidthLimit:
     def kernels(self, x1, x2=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(nngp, ntk)``, each ``[N1, N2]``, from one program (the NTK's forward part is the
         NNGP's program, so the work is shared)."""
+        self._no_kernels_for_mup()
         if self.parametrization != "ntk":
             raise ValueError(
                 "limit.ntk is implemented for parametrization='ntk'; the standard "
@@ -145,6 +179,7 @@ class InfiniteWidthLimit:
 
     def nngp(self, x1, x2=None) -> torch.Tensor:
         """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit."""
+        self._no_kernels_for_mup()
         xs, n1 = self._inputs(x1, x2)
         program, out = self._lower(xs)
         K = _per_example(master_theorem(program).second_moment(out.var), xs[0].shape[0])
@@ -169,26 +204,38 @@ def infinite_width(
     parametrization: str = "ntk",
     widths: tuple[int, int] = (64, 128),
     variances: Mapping[str, Any] | None = None,
+    base_width: int | None = None,
 ) -> InfiniteWidthLimit:
     """The infinite-width limit of the PyTorch model ``factory(width)``.
 
     Args:
         factory: ``width -> nn.Module``; hidden sizes must be proportional to ``width``.
         example_inputs: a tensor or tuple of tensors, batch on dim 0 (sets input shapes).
-        parametrization: ``"ntk"`` or ``"standard"`` (the NNGP is the same for both).
+        parametrization: ``"ntk"`` or ``"standard"`` (the NNGP is the same for both), or
+            ``"mup"``: the maximal-update limit, trained with ``limit.trainer(...)`` (MLPs
+            with SGD; see docs/feature-learning.md).
         widths: the two widths at which the model is captured to infer what grows.
         variances: per-parameter overrides of the initial variances read from the code.
+        base_width: ``"mup"`` only: the width at which the model is the user's own and its
+            hyperparameters are tuned (``tp.mup.parametrize``'s ``base_width``); default
+            ``widths[0]``.
     """
     if not callable(factory):
         raise TypeError("factory must be a callable width -> nn.Module")
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(
             f"parametrization {parametrization!r} is not supported yet; choose one of "
-            f"{PARAMETRIZATIONS} (μP and mean field come with the feature-learning limit)."
+            f"{PARAMETRIZATIONS} (mean field is not supported yet)."
         )
+    if base_width is not None and parametrization != "mup":
+        raise ValueError("base_width applies to parametrization='mup' only")
     inputs = _as_tuple(example_inputs)
     _check_finite(inputs, "example_inputs")
     w1, w2 = widths
     if not (isinstance(w1, int) and isinstance(w2, int) and 0 < w1 < w2):
         raise ValueError(f"widths must be two increasing positive integers, got {widths}")
-    return InfiniteWidthLimit(factory, inputs, parametrization, (w1, w2), variances)
+    if parametrization == "mup":
+        base_width = w1 if base_width is None else base_width
+        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
+            raise ValueError(f"base_width must be a positive integer, got {base_width!r}")
+    return InfiniteWidthLimit(factory, inputs, parametrization, (w1, w2), variances, base_width)
