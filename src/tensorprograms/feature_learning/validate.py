@@ -93,6 +93,16 @@ class Convergence:
         lx = lx - lx.mean()
         return float((lx * (ly - ly.mean())).sum() / (lx * lx).sum())
 
+    def slope_stderr(self, what: str = "output", upto: int | None = None) -> float:
+        """Standard error of :meth:`slope` from the seed-to-seed standard errors per width
+        (delta method: ``se(log d) = se(d)/d``; widths independent)."""
+        y, se = getattr(self, what), getattr(self, what + "_se")
+        keep = [i for i, w in enumerate(self.widths) if upto is None or w <= upto]
+        lx = torch.log(torch.tensor([float(self.widths[i]) for i in keep], dtype=torch.float64))
+        lx = lx - lx.mean()
+        sl = se[keep] / y[keep]
+        return float(((lx * sl).pow(2).sum()).sqrt() / (lx * lx).sum())
+
     def table(self) -> str:
         rows = ["width   |f_n - f_inf|        |loss_n - loss_inf|"]
         for i, w in enumerate(self.widths):
