@@ -128,8 +128,9 @@ def main() -> None:
         run = finite_width_run(factory, a.finite_width, a.base_width, batches, xte, lr=best,
                                loss="cross_entropy", seed=a.seed, readout_bias=f"{2 * a.depth}.bias")
         acc = float((run.outputs.argmax(1) == yte).double().mean())
+        agree = float((run.outputs.argmax(1) == f.argmax(1)).double().mean())
         res["finite_mup"] = {"width": a.finite_width, "test": acc, "seconds": time.time() - t0,
-                             "agreement_with_limit": float((run.outputs.argmax(1) == f.argmax(1)).double().mean())}
+                             "agreement_with_limit": agree}
         print(f"finite μP width {a.finite_width}: test accuracy {acc:.4f}")
     res["seconds"] = time.time() - t_start
     a.out.mkdir(parents=True, exist_ok=True)

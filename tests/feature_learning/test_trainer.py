@@ -167,3 +167,28 @@ def test_mup_limit_has_no_kernels_and_other_limits_no_trainer():
         tp.infinite_width(tanh2, X).trainer(lr=0.1)
     with pytest.raises(ValueError, match="base_width applies"):
         tp.infinite_width(tanh2, X, base_width=8)
+
+
+class Swish(nn.Module):
+    """A composite activation written functionally: x * sigmoid(x), then an affine layer."""
+
+    def __init__(self, n, affine=False):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, n), nn.Linear(n, 2)
+        self.affine = affine
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(2.0 * h + 1.0 if self.affine else h * torch.sigmoid(h))
+
+
+def test_composite_and_affine_activations_are_recognised():
+    X, batches, Xt = data(steps=2)
+    sw = trainer(Swish, particles=2**8)
+    assert sw.config.method == "particles"
+    assert sw.spec.activations[0].affine is None and len(sw.spec.activations[0].ops) == 2
+    sw.train(batches, progress=False)
+    af = tp.infinite_width(lambda n: Swish(n, affine=True), X, parametrization="mup", base_width=BASE)
+    tr = af.trainer(lr=0.02)
+    assert tr.config.method == "exact" and tr.spec.activations[0].affine == (2.0, 1.0)
+    tr.train(batches, progress=False)

@@ -72,23 +72,26 @@ def _unsupported(node: fx.Node, why: str) -> UnsupportedOperation:
     )
 
 
-def _make_fn(nodes: list[fx.Node], start: fx.Node) -> Callable[[torch.Tensor], torch.Tensor]:
+def _make_fn(nodes: list[fx.Node], start: fx.Node, out: fx.Node) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Evaluate the captured ops ``nodes`` (a DAG fed only by ``start``) on a tensor."""
     chain = list(nodes)
 
+    def sub(a, env):
+        return env[a] if isinstance(a, fx.Node) else a
+
     def fn(t: torch.Tensor) -> torch.Tensor:
-        prev, val = start, t
+        env = {start: t}
         for nd in chain:
-            args = [val if a is prev else a for a in nd.args]
-            kwargs = {k: (val if v is prev else v) for k, v in nd.kwargs.items()}
-            val = nd.target(*args, **kwargs)
-            prev = nd
-        return val
+            args = [sub(a, env) for a in nd.args]
+            kwargs = {k: sub(v, env) for k, v in nd.kwargs.items()}
+            env[nd] = nd.target(*args, **kwargs)
+        return env[out]
 
     return fn
 
 
-def _activation(nodes: list[fx.Node], start: fx.Node) -> Activation:
-    fn = _make_fn(nodes, start)
+def _activation(nodes: list[fx.Node], start: fx.Node, out: fx.Node) -> Activation:
+    fn = _make_fn(nodes, start, out)
     ops = tuple(str(n.target) for n in nodes)
     g = torch.Generator().manual_seed(0)
     t = torch.randn(6, 7, generator=g, dtype=torch.float64) * 2
@@ -98,8 +101,8 @@ def _activation(nodes: list[fx.Node], start: fx.Node) -> Activation:
     ok = (
         isinstance(y, torch.Tensor)
         and y.shape == t.shape
-        and torch.equal(flat.reshape(t.shape), y)
-        and torch.equal(fn(t.reshape(-1)[perm]), flat[perm])
+        and torch.allclose(flat.reshape(t.shape), y, rtol=1e-13, atol=1e-13)
+        and torch.allclose(fn(t.reshape(-1)[perm]), flat[perm], rtol=1e-13, atol=1e-13)
     )
     if not ok:
         raise UnsupportedOperation(
@@ -160,6 +163,7 @@ def mlp_spec(cap: Captured) -> MLPSpec:
     acts: list[Activation] = []
     chain: list[fx.Node] = []
     chain_start = cur
+    region: set[fx.Node] = set()
     out = None
     for node in cap.nodes:
         if node.op == "placeholder":
@@ -172,25 +176,26 @@ def mlp_spec(cap: Captured) -> MLPSpec:
             transposed[node.name] = cap.param_of[args[0].name]
             continue
         if node.target in (aten.addmm.default, aten.mm.default):
-            if layers or chain:
-                if not layers:
-                    raise _unsupported(chain[0], "an operation before the first Linear layer")
-                acts.append(_activation(chain, chain_start))
-            elif cur.name != cap.user_inputs[0]:
-                raise _unsupported(node, "an operation before the first Linear layer")
+            inp = node.args[1] if node.target == aten.addmm.default else node.args[0]
+            if layers:
+                if inp not in region:
+                    raise _unsupported(node, "a Linear layer not fed by the previous layer's activation")
+                acts.append(_activation(chain, chain_start, inp))
+                cur = inp
             layers.append(_linear(node, cur, transposed, cap))
-            cur, chain, chain_start = node, [], node
+            cur, chain, chain_start, region = node, [], node, {node}
             continue
         nodes_in = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
         dims = cap.dims.get(node.name)
-        same_shape = dims is not None and dims.small == cap.dims[cur.name].small
-        if len(nodes_in) == 1 and nodes_in[0] is cur and same_shape and layers:
+        same_shape = dims is not None and dims.small == cap.dims[chain_start.name].small
+        if layers and nodes_in and all(a in region for a in nodes_in) and same_shape:
             chain.append(node)
+            region.add(node)
             cur = node
             continue
         raise _unsupported(node, "an operation that is neither a Linear layer nor an elementwise activation")
     outs = out if isinstance(out, (tuple, list)) else (out,)
-    if len(outs) != 1 or outs[0] is not cur or chain:
+    if len(outs) != 1 or outs[0] is not chain_start or chain:
         raise UnsupportedOperation(
             f"the μP training limit supports {_SUPPORTED}; the model must return the readout Linear's "
             "output itself (no activation or other op after the last layer)"
