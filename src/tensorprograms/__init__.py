@@ -7,7 +7,7 @@
 >>> limit = tp.master_theorem(P)
 """
 
-from . import empirical, frontend, functions, master, mup, parametrization, program
+from . import empirical, feature_learning, frontend, functions, master, mup, parametrization, program
 from .errors import ExpectationError, ProgramError, UnsupportedOperation, WidthError
 from .frontend import InfiniteWidthLimit, infinite_width
 from .master import ProgramLimit, master_theorem
@@ -21,6 +21,7 @@ __all__ = [
     "UnsupportedOperation",
     "WidthError",
     "empirical",
+    "feature_learning",
     "frontend",
     "infinite_width",
     "FiniteWidthRun",

@@ -285,7 +285,7 @@ def test_bad_inputs(x):
     with pytest.raises(TypeError, match="not a torch.nn.Module"):
         tp.infinite_width(lambda w: "model", x)
     with pytest.raises(ValueError, match="parametrization"):
-        tp.infinite_width(lambda w: MLP(w, torch.relu), x, parametrization="mup")
+        tp.infinite_width(lambda w: MLP(w, torch.relu), x, parametrization="meanfield")
     with pytest.raises(ValueError, match="two increasing positive integers"):
         tp.infinite_width(lambda w: MLP(w, torch.relu), x, widths=(128, 64))
     with pytest.raises(TypeError, match="tensor or a tuple of tensors"):

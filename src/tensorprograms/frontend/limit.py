@@ -17,7 +17,7 @@ from .lower import Lowering
 from .ntk import ntk_of
 from .values import Vec
 
-PARAMETRIZATIONS = ("ntk", "standard")
+PARAMETRIZATIONS = ("ntk", "standard", "mup")
 
 
 def _as_tuple(inputs) -> tuple[torch.Tensor, ...]:
@@ -45,8 +45,12 @@ class InfiniteWidthLimit:
         widths: tuple[int, int],
         variances: Mapping[str, Any] | None,
         nominal_width: int | None = None,
+        base_width: int | None = None,
     ):
         self.factory = factory
+        self.base_width = base_width
+        self.variances = variances
+        self._mlp = None
         self.example_inputs = example_inputs
         self.parametrization = parametrization
         self.nominal_width = nominal_width
@@ -55,7 +59,29 @@ class InfiniteWidthLimit:
         self.hyperparameters = self._default_hyperparameters()
         self._captured: dict[tuple, Captured] = {}
         self._programs: dict[tuple, tuple[Program, Vec]] = {}
-        self.program, self.output = self._lower(example_inputs)
+        if parametrization == "mup":
+            # μP's limit at init is degenerate (the output is 0); what it has is training.
+            self.program, self.output = None, None
+        else:
+            self.program, self.output = self._lower(example_inputs)
+
+    def trainer(self, optimizer: str = "sgd", *, lr: float, loss: str = "mse", method: str = "auto",
+                particles: int = 2**14, seed: int = 0):
+        """A trainer of the μP limit (``parametrization="mup"`` only): see
+        :func:`tensorprograms.feature_learning.make_trainer` for the arguments."""
+        if self.parametrization != "mup":
+            raise ValueError(
+                f"limit.trainer needs parametrization='mup' (this limit is {self.parametrization!r}, "
+                "whose training limit is kernel regression with the NTK)"
+            )
+        from ..feature_learning.build import check_arguments, make_trainer, read_mlp
+
+        check_arguments(optimizer, lr, loss, method, self.base_width, particles)
+        if self._mlp is None:  # the captured MLP and its init laws, read once per limit
+            self._mlp = read_mlp(self.factory, self.example_inputs[0], self.base_width, self.variances)
+        return make_trainer(self.factory, self.example_inputs[0], self.base_width, optimizer=optimizer,
+                            lr=lr, loss=loss, method=method, particles=particles, seed=seed,
+                            variances=self.variances, model=self._mlp)
 
     def _default_hyperparameters(self) -> dict[str, torch.Tensor]:
         """σ² per parameter: per-entry variance × fan-in (weights), the variance (biases).
@@ -105,6 +131,13 @@ class InfiniteWidthLimit:
             return xs1, xs1[0].shape[0]
         return tuple(torch.cat([a, b]) for a, b in zip(xs1, xs2)), xs1[0].shape[0]
 
+    def _no_kernels_for_mup(self) -> None:
+        if self.parametrization == "mup":
+            raise ValueError(
+                "a μP limit has no NNGP/NTK to report (its output at init is 0 and its features move); "
+                "use limit.trainer(...), or parametrization='ntk' for the kernels"
+            )
+
     def ntk(self, x1, x2=None) -> torch.Tensor:
         """The NTK ``[N1, N2]`` (float64, per output unit) in this limit's parametrization.
 
@@ -117,6 +150,7 @@ class InfiniteWidthLimit:
     def kernels(self, x1, x2=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(nngp, ntk)``, each ``[N1, N2]``, from one program (the NTK's forward part is the
         NNGP's program, so the work is shared)."""
+        self._no_kernels_for_mup()
         if self.parametrization == "standard" and self.nominal_width is None:
             raise ValueError(
                 "the standard parametrization's NTK grows linearly with the width (hidden "
@@ -221,6 +255,7 @@ class InfiniteWidthLimit:
 
     def nngp(self, x1, x2=None) -> torch.Tensor:
         """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit."""
+        self._no_kernels_for_mup()
         xs, n1 = self._inputs(x1, x2)
         program, out = self._lower(xs)
         K = _per_example(master_theorem(program).second_moment(out.var), xs[0].shape[0])
@@ -246,6 +281,7 @@ def infinite_width(
     widths: tuple[int, int] = (64, 128),
     variances: Mapping[str, Any] | None = None,
     nominal_width: int | None = None,
+    base_width: int | None = None,
 ) -> InfiniteWidthLimit:
     """The infinite-width limit of the PyTorch model ``factory(width)``.
 
@@ -257,11 +293,16 @@ def infinite_width(
             ω), ``"standard"`` (the code as written, gradients w.r.t. the parameters,
             evaluated at ``nominal_width``), or a
             :class:`tp.parametrization.ABCParametrization` (TP IV's abc exponents; an error
-            if its NTK diverges or the code's initialization does not realize it).
+            if its NTK diverges or the code's initialization does not realize it), or
+            ``"mup"``: the maximal-update limit, trained with ``limit.trainer(...)`` (MLPs
+            with SGD; see docs/feature-learning.md).
         widths: the two widths at which the model is captured to infer what grows.
         variances: per-parameter overrides of the initial variances read from the code.
         nominal_width: for ``"standard"``: the width ``n`` at which hidden fan-ins enter the
             NTK (it grows ∝ n).
+        base_width: ``"mup"`` only: the width at which the model is the user's own and its
+            hyperparameters are tuned (``tp.mup.parametrize``'s ``base_width``); default
+            ``widths[0]``.
     """
     if not callable(factory):
         raise TypeError("factory must be a callable width -> nn.Module")
@@ -273,8 +314,10 @@ def infinite_width(
     if isinstance(parametrization, str) and parametrization not in PARAMETRIZATIONS:
         raise ValueError(
             f"parametrization {parametrization!r} is not supported yet; choose one of "
-            f"{PARAMETRIZATIONS} (μP and mean field come with the feature-learning limit)."
+            f"{PARAMETRIZATIONS} (mean field is not supported yet)."
         )
+    if base_width is not None and parametrization != "mup":
+        raise ValueError("base_width applies to parametrization='mup' only")
     inputs = _as_tuple(example_inputs)
     _check_finite(inputs, "example_inputs")
     w1, w2 = widths
@@ -285,4 +328,9 @@ def infinite_width(
             raise ValueError("nominal_width applies to parametrization='standard' only")
         if not isinstance(nominal_width, int) or nominal_width <= 0:
             raise ValueError(f"nominal_width must be a positive integer, got {nominal_width!r}")
-    return InfiniteWidthLimit(factory, inputs, parametrization, (w1, w2), variances, nominal_width)
+    if parametrization == "mup":
+        base_width = w1 if base_width is None else base_width
+        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
+            raise ValueError(f"base_width must be a positive integer, got {base_width!r}")
+    return InfiniteWidthLimit(factory, inputs, parametrization, (w1, w2), variances, nominal_width,
+                              base_width)
