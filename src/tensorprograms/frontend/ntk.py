@@ -75,17 +75,22 @@ def _diag_jacobian(fn, shapes, i):
 
 
 def _lin_adjoint(fn, shapes, i, out_shape):
+    """The adjoint of a linear map's argument i: ``(d, *params) -> cotangent``; the params
+    (a LinComb's Scalars, NETSOR+) are the forward map's, so the adjoint is linear too."""
     k = len(shapes)
 
-    def adj(d):
-        nb = d.ndim - len(out_shape)
+    def adj(d, *ps):
+        # called by the calling convention: d is padded to the params' common rank
+        rank = max([len(out_shape)] + [p.ndim for p in ps if isinstance(p, torch.Tensor)])
+        nb = d.ndim - rank
         batch = d.shape[:nb]
+        d = d.reshape(*batch, *out_shape)
         zeros = [torch.zeros(*batch, *s, dtype=d.dtype) for s in shapes]
 
         def f(t):
             args = list(zeros)
             args[i] = t
-            return call_full(fn, args, shapes, [], nb)
+            return call_full(fn, args, shapes, list(ps), nb).reshape(*batch, *out_shape)
 
         _, back = torch.func.vjp(f, zeros[i])
         return back(d)[0]
@@ -96,11 +101,11 @@ def _lin_adjoint(fn, shapes, i, out_shape):
 
 
 def _part(fn, shapes, i):
-    def part(t):
+    def part(t, *ps):
         nb = t.ndim - len(shapes[i])
         batch = t.shape[:nb]
         args = [t if j == i else torch.zeros(*batch, *s, dtype=t.dtype) for j, s in enumerate(shapes)]
-        return call_full(fn, args, shapes, [], nb)
+        return call_full(fn, args, shapes, list(ps), nb)
 
     part.__name__ = f"part{i}"
     return part
@@ -121,11 +126,11 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
     seeds: dict[Matrix, Vector] = {}
     cot[output].append(torch.ones(output.shape, dtype=torch.float64))
 
-    def linear(fn, *vs, label=""):
+    def linear(fn, *vs, label="", params=()):
         """A linear map of cotangents: a LinComb when they are Gaussian, else a Nonlin."""
         if all(v.is_gaussian for v in vs):
-            return Q.linear(fn, *vs, label=label)
-        return Q.nonlin(fn, *vs)
+            return Q.linear(fn, *vs, label=label, params=params)
+        return Q.nonlin(fn, *vs, params=params)
 
     def add(*vs):
         return linear(lambda *us: sum(us[1:], us[0]), *vs, label="Σ cotangents")
@@ -165,16 +170,20 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             cot[ins.x].append(dx)
         elif isinstance(ins, LinComb):
             shapes = [x.shape for x in ins.xs]
+            ps = ins.params  # Scalars held at their limits, like Moments (see the docstring)
             for i, x in enumerate(ins.xs):
                 if x.kind == "init":
-                    a = Q.linear(_part(ins.fn, shapes, i), x, label=f"use of {x.name}")
+                    a = Q.linear(_part(ins.fn, shapes, i), x, label=f"use of {x.name}", params=ps)
                     uses[x].append((a, d))
                 elif isinstance(d, torch.Tensor):
+                    if ps:
+                        raise UnsupportedOperation(
+                            "NTK: the model's output is a Scalar-weighted combination of readouts")
                     adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
                     cot[x].append(adj(d.unsqueeze(0))[0])
                 else:
                     cot[x].append(linear(_lin_adjoint(ins.fn, shapes, i, out.shape), d,
-                                         label=f"adjoint of {out.name}"))
+                                         label=f"adjoint of {out.name}", params=ps))
         elif isinstance(ins, Nonlin):
             if isinstance(d, torch.Tensor):
                 raise UnsupportedOperation(
