@@ -374,3 +374,13 @@ def test_sinusoidal_buffer_is_rejected(x):
             return self.out((self.embed(x) + self.pe).mean(1))  # pe-line
 
     _error(lambda w: Sinusoidal(w), x, "buffer pe", "pe-line", "nn.Embedding")
+
+
+def test_attention_dropout_is_rejected(x):
+    class Dropout(SDPA):
+        def forward(self, x):
+            h = self.embed(x)
+            o = F.scaled_dot_product_attention(h, h, h, dropout_p=0.1, scale=1.0 / h.shape[-1])  # drop-line
+            return self.out(o.mean(1))
+
+    _error(lambda w: Dropout(w), x, "dropout_p=0", "drop-line")

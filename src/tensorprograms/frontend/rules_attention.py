@@ -420,5 +420,20 @@ def _attention_error(where: str, contraction: fx.Node) -> UnsupportedOperation:
     )
 
 
+def check_no_randomness(low: Lowering) -> None:
+    """Random ops in the forward pass (dropout in F.scaled_dot_product_attention, which
+    applies ``dropout_p`` even in eval mode) make the function itself random; the limit is
+    of the deterministic network at initialization."""
+    for node in low.c.nodes:
+        op = node.target
+        if isinstance(op, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in op.tags:
+            raise UnsupportedOperation(
+                f"{op} at {source_line(node)}: a random operation in the forward pass (dropout: "
+                "F.scaled_dot_product_attention applies dropout_p even in eval mode). Set "
+                "dropout_p=0 / dropout=0.0; the limit is of the network without dropout."
+            )
+
+
+CHECKS.append(check_no_randomness)
 CHECKS.append(check_width_powers)
 APPLY_HOOKS.append(_hook)
