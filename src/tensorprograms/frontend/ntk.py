@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UnsupportedOperation
 from ..program import functions as F
-from ..program.calling import call_full, common_rank
+from ..program.calling import call_full, common_rank, is_elementwise
 from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Matrix, Scalar, Vector
@@ -111,6 +111,14 @@ def _part(fn, shapes, i):
     return part
 
 
+def _diagonal(fn, shapes, params, out_shape) -> bool:
+    """Whether a one-vector LinComb with Scalar params scales each finite index separately."""
+    if len(shapes) != 1 or tuple(shapes[0]) != tuple(out_shape):
+        return False
+    probe = [torch.ones(p.shape, dtype=torch.float64) if isinstance(p, Scalar) else p for p in params]
+    return is_elementwise(fn, shapes, probe, tuple(out_shape))
+
+
 def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainable=None):
     """Θ [batch, batch] for the per-output kernel of ``output`` (a sum of readouts), and
     the limit object of the extended program (its caches serve the NNGP too).
@@ -182,8 +190,18 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                     adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
                     cot[x].append(adj(d.unsqueeze(0))[0])
                 else:
-                    cot[x].append(linear(_lin_adjoint(ins.fn, shapes, i, out.shape), d,
-                                         label=f"adjoint of {out.name}", params=ps))
+                    adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
+                    inner = d.instruction
+                    if (ps and isinstance(inner, Nonlin) and inner.fn is F.product
+                            and _diagonal(ins.fn, shapes, ps, out.shape)):
+                        # a diagonal scaling (LayerNorm of a G-var) commutes with the forward
+                        # factor: keep the cotangent a (forward) × (backward) product, which
+                        # the engine factors exactly
+                        fwd, back = inner.xs
+                        back = linear(adj, back, label=f"adjoint of {out.name}", params=ps)
+                        cot[x].append(Q.nonlin(F.product, fwd, back, elementwise=True))
+                    else:
+                        cot[x].append(linear(adj, d, label=f"adjoint of {out.name}", params=ps))
         elif isinstance(ins, Nonlin):
             if isinstance(d, torch.Tensor):
                 raise UnsupportedOperation(
