@@ -40,6 +40,7 @@ class Captured:
     user_inputs: list[str]  # placeholder names of the user's inputs, in order
     widths: tuple[int, int]
     modules: tuple[torch.nn.Module, torch.nn.Module] = field(repr=False)
+    large_nodes: list[fx.Node] = field(default_factory=list, repr=False)  # aligned with nodes
 
 
 def source_line(node: fx.Node) -> str:
@@ -139,4 +140,4 @@ def capture(
             param_of[name] = spec.target
         elif spec.kind.name == "USER_INPUT":
             user_inputs.append(name)
-    return Captured(eps[0], n1, dims, param_of, user_inputs, widths, (models[0], models[1]))
+    return Captured(eps[0], n1, dims, param_of, user_inputs, widths, (models[0], models[1]), n2)

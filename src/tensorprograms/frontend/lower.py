@@ -7,6 +7,7 @@ op and the user's source line.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -26,6 +27,11 @@ from .values import Concat, Data, Merged, Param, ParamT, Sca, Tuple_, Vec
 aten = torch.ops.aten
 Rule = Callable[["Lowering", fx.Node, list[Any]], Any]
 RULES: dict[Any, Rule] = {}
+# Extension points for rule modules (rules_attention): checks of the whole graph run before
+# lowering, and hooks consulted before RULES for values they own (return NotImplemented
+# to pass).
+CHECKS: list[Callable[[Lowering], None]] = []
+APPLY_HOOKS: list[Callable[[Lowering, fx.Node, list, dict], Any]] = []
 
 
 def rule(*ops):
@@ -125,6 +131,8 @@ class Lowering:
     def run(self) -> Any:
         user = iter(self.inputs)
         out = None
+        for check in CHECKS:
+            check(self)
         for node in self.c.nodes:
             self.node = node
             if node.op == "placeholder":
@@ -156,6 +164,10 @@ class Lowering:
 
     def _apply(self, node: fx.Node, args: list, kwargs: dict):
         op = node.target
+        for hook in APPLY_HOOKS:
+            result = hook(self, node, args, kwargs)
+            if result is not NotImplemented:
+                return result
         abstract = (Vec, Sca, Param, ParamT, Tuple_, Merged, Concat)
         if all(not isinstance(a, abstract) for a in _flat(args, kwargs)):
             # finite and deterministic: evaluate it (input preprocessing, constants)
@@ -629,14 +641,26 @@ def _layer_norm(low: Lowering, node, args):
     def norm(u, mean, second, _eps=float(eps), _g=gain, _s=shift):
         return _g * (u - mean) / torch.sqrt(second - mean * mean + _eps) + _s
 
-    y = P.nonlin(norm, x.var, params=(mu, m2))
+    if x.var.is_gaussian and shift == 0.0:
+        # a G-var has E[Z] = 0, so the mean Moment's limit is 0 and LayerNorm is a scaling by
+        # a deterministic scalar: a LinComb with a Scalar coefficient, Gaussian in the limit
+        def scale(u, second, _eps=float(eps), _g=gain):
+            return _g * u / torch.sqrt(second + _eps)
+
+        y = P.linear(scale, x.var, params=(m2,), label=f"LayerNorm({x.var.name})")
+
+        def unit_of():
+            # ŷ = y / gain, the same G-var when gain is 1 (so the engine sees one vector)
+            return y if gain == 1.0 else P.lincomb([1.0 / gain], [y])
+    else:
+        y = P.nonlin(norm, x.var, params=(mu, m2))
+
+        def unit_of():
+            return P.nonlin(functools.partial(norm, _g=1.0, _s=0.0), x.var, params=(mu, m2))
+
     # the gain's gradient is the cotangent times the normalized input, the shift's the cotangent
     if weight is not None:
-        def normalized(u, mean, second, _eps=float(eps)):
-            return (u - mean) / torch.sqrt(second - mean * mean + _eps)
-
-        unit = P.nonlin(normalized, x.var, params=(mu, m2))
-        low.ghost(weight, y, factor=unit)
+        low.ghost(weight, y, factor=unit_of())
     if bias is not None:
         low.ghost(bias, y)
     return Tuple_((Vec(y, x.shape, x.axis), None, None))
@@ -939,3 +963,6 @@ def _concat_linear(low: Lowering, node, x: Concat, W: Param, bias):
     if readout:
         return Vec(g, out_shape, len(out_shape) - 1, iid_outputs=True)
     return Vec(g, out_shape, low.width_axis(node))
+
+
+from . import rules_attention  # noqa: E402,F401  (registers its rules and hooks)

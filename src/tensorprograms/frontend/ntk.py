@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UnsupportedOperation
 from ..program import functions as F
-from ..program.calling import call_full, common_rank
+from ..program.calling import call_full, common_rank, is_elementwise
 from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Matrix, Scalar, Vector
@@ -75,17 +75,22 @@ def _diag_jacobian(fn, shapes, i):
 
 
 def _lin_adjoint(fn, shapes, i, out_shape):
+    """The adjoint of a linear map's argument i: ``(d, *params) -> cotangent``; the params
+    (a LinComb's Scalars, NETSOR+) are the forward map's, so the adjoint is linear too."""
     k = len(shapes)
 
-    def adj(d):
-        nb = d.ndim - len(out_shape)
+    def adj(d, *ps):
+        # called by the calling convention: d is padded to the params' common rank
+        rank = max([len(out_shape)] + [p.ndim for p in ps if isinstance(p, torch.Tensor)])
+        nb = d.ndim - rank
         batch = d.shape[:nb]
+        d = d.reshape(*batch, *out_shape)
         zeros = [torch.zeros(*batch, *s, dtype=d.dtype) for s in shapes]
 
         def f(t):
             args = list(zeros)
             args[i] = t
-            return call_full(fn, args, shapes, [], nb)
+            return call_full(fn, args, shapes, list(ps), nb).reshape(*batch, *out_shape)
 
         _, back = torch.func.vjp(f, zeros[i])
         return back(d)[0]
@@ -96,14 +101,22 @@ def _lin_adjoint(fn, shapes, i, out_shape):
 
 
 def _part(fn, shapes, i):
-    def part(t):
+    def part(t, *ps):
         nb = t.ndim - len(shapes[i])
         batch = t.shape[:nb]
         args = [t if j == i else torch.zeros(*batch, *s, dtype=t.dtype) for j, s in enumerate(shapes)]
-        return call_full(fn, args, shapes, [], nb)
+        return call_full(fn, args, shapes, list(ps), nb)
 
     part.__name__ = f"part{i}"
     return part
+
+
+def _diagonal(fn, shapes, params, out_shape) -> bool:
+    """Whether a one-vector LinComb with Scalar params scales each finite index separately."""
+    if len(shapes) != 1 or tuple(shapes[0]) != tuple(out_shape):
+        return False
+    probe = [torch.ones(p.shape, dtype=torch.float64) if isinstance(p, Scalar) else p for p in params]
+    return is_elementwise(fn, shapes, probe, tuple(out_shape))
 
 
 def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainable=None,
@@ -132,11 +145,11 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
     seeds: dict[Matrix, Vector] = {}
     cot[output].append(torch.ones(output.shape, dtype=torch.float64))
 
-    def linear(fn, *vs, label=""):
+    def linear(fn, *vs, label="", params=()):
         """A linear map of cotangents: a LinComb when they are Gaussian, else a Nonlin."""
         if all(v.is_gaussian for v in vs):
-            return Q.linear(fn, *vs, label=label)
-        return Q.nonlin(fn, *vs)
+            return Q.linear(fn, *vs, label=label, params=params)
+        return Q.nonlin(fn, *vs, params=params)
 
     def add(*vs):
         return linear(lambda *us: sum(us[1:], us[0]), *vs, label="Σ cotangents")
@@ -193,16 +206,30 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             cot[ins.x].append(dx)
         elif isinstance(ins, LinComb):
             shapes = [x.shape for x in ins.xs]
+            ps = ins.params  # Scalars held at their limits, like Moments (see the docstring)
             for i, x in enumerate(ins.xs):
                 if x.kind == "init":
-                    a = Q.linear(_part(ins.fn, shapes, i), x, label=f"use of {x.name}")
+                    a = Q.linear(_part(ins.fn, shapes, i), x, label=f"use of {x.name}", params=ps)
                     uses[x].append((a, d))
                 elif isinstance(d, torch.Tensor):
+                    if ps:
+                        raise UnsupportedOperation(
+                            "NTK: the model's output is a Scalar-weighted combination of readouts")
                     adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
                     cot[x].append(adj(d.unsqueeze(0))[0])
                 else:
-                    cot[x].append(linear(_lin_adjoint(ins.fn, shapes, i, out.shape), d,
-                                         label=f"adjoint of {out.name}"))
+                    adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
+                    inner = d.instruction
+                    if (ps and isinstance(inner, Nonlin) and inner.fn is F.product
+                            and _diagonal(ins.fn, shapes, ps, out.shape)):
+                        # a diagonal scaling (LayerNorm of a G-var) commutes with the forward
+                        # factor: keep the cotangent a (forward) × (backward) product, which
+                        # the engine factors exactly
+                        fwd, back = inner.xs
+                        back = linear(adj, back, label=f"adjoint of {out.name}", params=ps)
+                        cot[x].append(Q.nonlin(F.product, fwd, back, elementwise=True))
+                    else:
+                        cot[x].append(linear(adj, d, label=f"adjoint of {out.name}", params=ps))
         elif isinstance(ins, Nonlin):
             if isinstance(d, torch.Tensor):
                 raise UnsupportedOperation(

@@ -16,7 +16,7 @@ import torch
 
 from ..program.calling import call_full
 from ..program.instructions import InitVector, LinComb, MatMul
-from ..program.variables import Vector
+from ..program.variables import Scalar, Vector
 
 LinearMap = Callable[[torch.Tensor], torch.Tensor]  # [B, *F_atom] -> [B, *F_g]
 
@@ -30,10 +30,14 @@ class GaussianBasis:
 
     Args:
         second_moment: callback ``(x, y) -> E[Z^x ⊗ Z^y]`` for the MatMul rule.
+        scalar_value: callback ``θ -> limit of θ`` for LinCombs whose coefficients depend
+            on Scalars (NETSOR+): the map is taken at the Scalars' limits.
     """
 
-    def __init__(self, second_moment: Callable[[Vector, Vector], torch.Tensor]):
+    def __init__(self, second_moment: Callable[[Vector, Vector], torch.Tensor],
+                 scalar_value: Callable[[Scalar], torch.Tensor] | None = None):
         self._second_moment = second_moment
+        self._scalar_value = scalar_value
         self._atoms: dict[Vector, list[tuple[Vector, LinearMap]]] = {}
         self._cov: dict[tuple[Vector, Vector], torch.Tensor] = {}
 
@@ -46,23 +50,24 @@ class GaussianBasis:
         elif isinstance(ins, LinComb):
             result = []
             shapes = [x.shape for x in ins.xs]
+            params = [self._scalar_value(p) if isinstance(p, Scalar) else p for p in ins.params]
             for k, x in enumerate(ins.xs):
                 for atom, inner in self.atoms(x):
-                    result.append((atom, self._through(ins.fn, shapes, k, inner)))
+                    result.append((atom, self._through(ins.fn, shapes, k, inner, params)))
         else:
             raise TypeError(f"{g.name} is not a Gaussian vector")
         self._atoms[g] = result
         return result
 
     @staticmethod
-    def _through(fn, shapes, k: int, inner: LinearMap) -> LinearMap:
+    def _through(fn, shapes, k: int, inner: LinearMap, params=()) -> LinearMap:
         def mapped(t: torch.Tensor) -> torch.Tensor:
             u = inner(t)
             args = [
                 u if i == k else torch.zeros(u.shape[0], *s, dtype=u.dtype)
                 for i, s in enumerate(shapes)
             ]
-            return call_full(fn, args, shapes, [], 1)
+            return call_full(fn, args, shapes, list(params), 1)
 
         return mapped
 

@@ -52,7 +52,7 @@ class ProgramLimit:
         self.source: Program | None = None  # a Netsor⊤ program this one was derived from
         self.varmap: dict[Var, Var] = {}
         self._ex = expectations
-        self._basis = GaussianBasis(self.second_moment)
+        self._basis = GaussianBasis(self.second_moment, self.value)
         self._ex.cov = self._basis.cov
         self._builder = FactorBuilder(self.value)
         self._moments: dict[tuple[Vector, Vector], Estimate] = {}
@@ -221,7 +221,13 @@ class ProgramLimit:
             ins = theta.instruction
             assert isinstance(ins, Moment)
             key = f"{theta.name}"
-            self._scalars[theta] = self._record(key, self._ex.mean(self._factor(ins), key))
+            if isinstance(ins.fn, F.Outer) and len(ins.xs) == 2 and not ins.params:
+                # (1/n) Σ_α x_α ⊗ y_α → E[Z^x ⊗ Z^y]: the second moment (exact for G-vars)
+                e = self._second(*ins.xs)
+                se = None if e.stderr is None else e.stderr.reshape(theta.shape)
+                self._scalars[theta] = Estimate(e.value.reshape(theta.shape), se, e.backend, e.dim)
+            else:
+                self._scalars[theta] = self._record(key, self._ex.mean(self._factor(ins), key))
         return self._scalars[theta].value
 
     def __getitem__(self, v: Var) -> torch.Tensor:

@@ -137,10 +137,11 @@ def to_netsor(P: Program, limit_factory) -> tuple[Program, dict[Var, Var], objec
                 m[out] = Q.nonlin(fn, g, *us, name=out.name, elementwise=False)
         elif isinstance(ins, LinComb):
             xs = [m[x] for x in ins.xs]
+            params = tuple(m[p] if isinstance(p, Scalar) else p for p in ins.params)
             if all(x.is_gaussian for x in xs):
-                m[out] = Q.linear(ins.fn, *xs, name=out.name, label=ins.label)
+                m[out] = Q.linear(ins.fn, *xs, name=out.name, label=ins.label, params=params)
             else:  # a LinComb of P's G-vars that carry a nonlinear Ż is an H-var here
-                m[out] = Q.nonlin(ins.fn, *xs, name=out.name)
+                m[out] = Q.nonlin(ins.fn, *xs, name=out.name, params=params)
         elif isinstance(ins, Nonlin):
             params = tuple(m[p] if isinstance(p, Scalar) else p for p in ins.params)
             m[out] = Q.nonlin(ins.fn, *[m[x] for x in ins.xs], params=params, name=out.name,

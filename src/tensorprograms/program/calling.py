@@ -167,15 +167,17 @@ def is_linear(fn: Callable[..., torch.Tensor], vector_shapes: Sequence[tuple[int
 
 
 def check_linear(
-    fn: Callable[..., torch.Tensor], vector_shapes: Sequence[tuple[int, ...]], where: str
+    fn: Callable[..., torch.Tensor], vector_shapes: Sequence[tuple[int, ...]], where: str,
+    params: Sequence[Any] = (),
 ) -> None:
     """Raise ProgramError unless ``fn`` is linear (a LinComb must keep Z Gaussian)."""
     gen = torch.Generator().manual_seed(2)
     u = [torch.randn(2, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
     v = [torch.randn(2, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
     a, b = 0.7, -1.3
-    lhs = call_full(fn, [a * x + b * y for x, y in zip(u, v, strict=False)], vector_shapes, [], 1)
-    rhs = a * call_full(fn, u, vector_shapes, [], 1) + b * call_full(fn, v, vector_shapes, [], 1)
+    ps = list(params)
+    lhs = call_full(fn, [a * x + b * y for x, y in zip(u, v, strict=False)], vector_shapes, ps, 1)
+    rhs = a * call_full(fn, u, vector_shapes, ps, 1) + b * call_full(fn, v, vector_shapes, ps, 1)
     scale = 1.0 + rhs.abs().max().item()
     if not torch.allclose(lhs, rhs, rtol=1e-9, atol=1e-9 * scale):
         raise ProgramError(

@@ -123,6 +123,26 @@ class _Product(Elementwise):
         return a * b
 
 
+class Outer:
+    """``(x, y) ↦ x ⊗ y`` over the finite indices, flattened: shape ``[*batch, |F_x|, |F_y|]``.
+
+    As a Moment, ``(1/n) Σ_α x_α ⊗ y_α`` (a width contraction between two activations,
+    e.g. attention logits ``q·k``); the engine takes its limit as the second moment
+    ``E[Z^x ⊗ Z^y]`` (exact for G-vars, cached) instead of a joint expectation.
+    """
+
+    name = "outer"
+
+    def __init__(self, shape_x: tuple[int, ...], shape_y: tuple[int, ...]):
+        self.shape_x, self.shape_y = tuple(shape_x), tuple(shape_y)
+        self.rank = max(len(self.shape_x), len(self.shape_y))
+
+    def __call__(self, x, y):
+        batch = x.shape[: x.ndim - self.rank]
+        nx, ny = math.prod(self.shape_x), math.prod(self.shape_y)
+        return x.reshape(*batch, nx, 1) * y.reshape(*batch, 1, ny)
+
+
 product = _Product()
 relu = _Relu()
 step = _Step()

@@ -78,15 +78,23 @@ class MatMul(Instruction):
 
 @dataclass(eq=False)
 class LinComb(Instruction):
-    """A linear map of Gaussian vectors (constant coefficients, may mix finite indices)."""
+    """A linear map of Gaussian vectors (may mix finite indices).
+
+    ``params`` (NETSOR+): Scalars (or constants) the coefficients depend on, passed after
+    the vectors as in a Nonlin. The map must be linear in the vectors for every value of
+    the params; since the Scalars converge to deterministic limits, the output's limit
+    ``L_θ̊(Z^{xs})`` is a linear map of Gaussians, hence Gaussian (attention outputs
+    ``Σ_j a_ij v_j`` with deterministic weights a).
+    """
 
     fn: Callable[..., torch.Tensor]
     xs: tuple[Vector, ...]
     label: str = ""
+    params: tuple[Any, ...] = ()
 
     @property
     def inputs(self):
-        return self.xs
+        return self.xs + tuple(p for p in self.params if isinstance(p, Scalar))
 
     def describe(self) -> str:
         body = self.label or f"{function_name(self.fn)}({', '.join(x.name for x in self.xs)})"

@@ -244,11 +244,14 @@ class Program:
         *xs: Vector,
         name: str | None = None,
         label: str = "",
+        params: Sequence[Any] = (),
     ) -> Vector:
         """A linear map of Gaussian vectors (may mix finite indices: shifts, pooling, sums).
 
         ``fn`` is called by the convention of :mod:`tensorprograms.program.calling` and
-        must be linear; the result is a G-var.
+        must be linear in the vectors; the result is a G-var. ``params`` (Scalars, numbers
+        or constant tensors, passed after the vectors) may set the coefficients: NETSOR+
+        with deterministic limits, so the output stays Gaussian in the limit.
         """
         where = self._where(label or f"LinComb {function_name(fn)}")
         if not xs:
@@ -261,11 +264,13 @@ class Program:
                     "Gaussian vectors only. Use P.nonlin for functions of H-vars."
                 )
         self._check_same_width(xs, where)
+        _, ps = self._split_args((), params, where)
         shapes = [x.shape for x in xs]
-        out_shape = probe_output_shape(fn, shapes, [], where)
-        check_linear(fn, shapes, where)
+        probe = self._probe_params(ps)
+        out_shape = probe_output_shape(fn, shapes, probe, where)
+        check_linear(fn, shapes, where, probe)
         out = Vector(self, self._fresh(name, "g"), out_shape, xs[0].ratio, "G")
-        return self._append(LinComb(out, fn, tuple(xs), label))  # type: ignore[return-value]
+        return self._append(LinComb(out, fn, tuple(xs), label, tuple(ps)))  # type: ignore[return-value]
 
     def lincomb(
         self, coefficients: Sequence[float], xs: Sequence[Vector], name: str | None = None

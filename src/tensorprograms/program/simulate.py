@@ -77,7 +77,8 @@ def simulate(
             w = w.T if ins.transpose else w
             vals[out] = (w @ x.reshape(x.shape[0], -1)).reshape(w.shape[0], *ins.x.shape)
         elif isinstance(ins, LinComb):
-            vals[out] = call_full(ins.fn, [vals[x] for x in ins.xs], [x.shape for x in ins.xs], [], 1)
+            params = [vals[p] if isinstance(p, Scalar) else p for p in ins.params]
+            vals[out] = call_full(ins.fn, [vals[x] for x in ins.xs], [x.shape for x in ins.xs], params, 1)
         elif isinstance(ins, (Nonlin, Moment)):
             params = [vals[p] if isinstance(p, Scalar) else p for p in ins.params]
             y = call_full(ins.fn, [vals[x] for x in ins.xs], [x.shape for x in ins.xs], params, 1)
