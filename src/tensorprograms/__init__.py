@@ -8,6 +8,7 @@
 """
 
 from . import empirical, frontend, functions, master, mup, parametrization, program
+from .blocked import kernel_matrix
 from .errors import ExpectationError, ProgramError, UnsupportedOperation, WidthError
 from .frontend import InfiniteWidthLimit, infinite_width
 from .master import ProgramLimit, master_theorem
@@ -23,6 +24,7 @@ __all__ = [
     "empirical",
     "frontend",
     "infinite_width",
+    "kernel_matrix",
     "FiniteWidthRun",
     "Matrix",
     "Program",

@@ -49,11 +49,20 @@ class InfiniteWidthLimit:
         self.example_inputs = example_inputs
         self.parametrization = parametrization
         self.widths = widths
+        self.variances = dict(variances) if variances is not None else None
         self.inits = read_initialization(factory, widths, variances=variances)
         self.hyperparameters = self._default_hyperparameters()
         self._captured: dict[tuple, Captured] = {}
         self._programs: dict[tuple, tuple[Program, Vec]] = {}
         self.program, self.output = self._lower(example_inputs)
+
+    def __reduce__(self):
+        """Pickles as its recipe (factory, inputs, settings, current σ² values) and is rebuilt
+        on unpickling, e.g. on Dask workers: captured graphs are not portable. The factory
+        must itself pickle (a module-level class or function, or a functools.partial)."""
+        hyper = {k: v.detach().clone() for k, v in self.hyperparameters.items()}
+        return (_rebuild, (self.factory, self.example_inputs, self.parametrization, self.widths,
+                           self.variances, hyper))
 
     def _default_hyperparameters(self) -> dict[str, torch.Tensor]:
         """σ² per parameter: per-entry variance × fan-in (weights), the variance (biases).
@@ -149,6 +158,12 @@ class InfiniteWidthLimit:
         program, out = self._lower(xs)
         K = _per_example(master_theorem(program).second_moment(out.var), xs[0].shape[0])
         return K if x2 is None else K[:n1, n1:]
+
+
+def _rebuild(factory, example_inputs, parametrization, widths, variances, hyper) -> InfiniteWidthLimit:
+    limit = InfiniteWidthLimit(factory, example_inputs, parametrization, widths, variances)
+    limit.hyperparameters = hyper
+    return limit
 
 
 def _per_example(K: torch.Tensor, batch: int) -> torch.Tensor:

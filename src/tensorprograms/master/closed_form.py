@@ -60,10 +60,60 @@ def terms_of(fn: Callable | None) -> Terms | None:
         return (((fn.slope, "id"), (1.0 - fn.slope, "relu")), 0.0)
     if isinstance(fn, F.Affine):
         return (((fn.scale, "id"),), fn.shift)
+    if isinstance(fn, Combination):
+        return fn.terms
     base = _BASE_OF.get(fn)
     if base is not None:
         return (((1.0, base),), 0.0)
     return None
+
+
+_BASE_FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "id": lambda x: x, "relu": torch.relu, "step": F.step, "erf": torch.erf,
+    "sin": torch.sin, "cos": torch.cos, "exp": torch.exp,
+}
+
+
+class Combination(F.Elementwise):
+    """``Σ_i c_i · base_i(x) + const``: a function given by its basis expansion (so the
+    closed forms apply to it), e.g. the derivative of a recognised activation."""
+
+    def __init__(self, terms: Terms):
+        self.terms = terms
+        parts = [f"{c:g}·{b}" for c, b in terms[0]] + ([f"{terms[1]:g}"] if terms[1] or not terms[0] else [])
+        self.name = " + ".join(parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.full_like(x, self.terms[1])
+        for coef, base in self.terms[0]:
+            total = total + coef * _BASE_FN[base](x)
+        return total
+
+
+# d/dx of each base as (coef, base) pairs plus a constant; step' is a delta (no entry)
+_DERIVATIVE: dict[str, tuple[tuple[tuple[float, str], ...], float]] = {
+    "id": ((), 1.0), "relu": (((1.0, "step"),), 0.0), "sin": (((1.0, "cos"),), 0.0),
+    "cos": (((-1.0, "sin"),), 0.0), "exp": (((1.0, "exp"),), 0.0),
+}
+
+
+def derivative(fn: Callable | None) -> Combination | None:
+    """``φ'`` as a :class:`Combination` when ``φ`` has a basis expansion whose bases all have
+    derivatives in the basis (relu → step, sin → cos, …), else None. The NTK's backward pass
+    uses it so that E[φ'(u) φ'(v)] gets a closed form instead of quadrature."""
+    terms = terms_of(fn)
+    if terms is None:
+        return None
+    out: dict[str, float] = {}
+    const = 0.0
+    for coef, base in terms[0]:
+        d = _DERIVATIVE.get(base)
+        if d is None:
+            return None
+        const += coef * d[1]
+        for c, b in d[0]:
+            out[b] = out.get(b, 0.0) + coef * c
+    return Combination((tuple((c, b) for b, c in out.items() if c != 0.0), const))
 
 
 def _mean_base(base: str, v: torch.Tensor) -> torch.Tensor | None:
