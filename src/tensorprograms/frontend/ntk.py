@@ -174,7 +174,9 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             shapes = [x.shape for x in ins.xs]
             for i, x in enumerate(ins.xs):
                 if x.kind == "init":
-                    a = Q.linear(_part(ins.fn, shapes, i), x, label=f"use of {x.name}")
+                    # a LinComb of x alone is its own use (shares its covariance cache)
+                    a = out if len(ins.xs) == 1 else Q.linear(_part(ins.fn, shapes, i), x,
+                                                               label=f"use of {x.name}")
                     uses[x].append((a, d))
                 elif isinstance(d, torch.Tensor):
                     adj = _lin_adjoint(ins.fn, shapes, i, out.shape)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..program.calling import call_full
+from ..program.calling import call_full, pad_finite
 from ..program.instructions import InitVector, LinComb, MatMul
 from ..program.variables import Vector
 
@@ -48,14 +48,26 @@ class GaussianBasis:
             shapes = [x.shape for x in ins.xs]
             for k, x in enumerate(ins.xs):
                 for atom, inner in self.atoms(x):
-                    result.append((atom, self._through(ins.fn, shapes, k, inner)))
+                    result.append((atom, self._through(ins.fn, shapes, k, inner, g.shape)))
         else:
             raise TypeError(f"{g.name} is not a Gaussian vector")
         self._atoms[g] = result
         return result
 
     @staticmethod
-    def _through(fn, shapes, k: int, inner: LinearMap) -> LinearMap:
+    def _through(fn, shapes, k: int, inner: LinearMap, out_shape: tuple[int, ...]) -> LinearMap:
+        coefficients = getattr(fn, "coefficients", None)  # Σ_i c_i x_i (Program.lincomb)
+        if coefficients is not None:
+            c = coefficients[k]
+
+            def term(t: torch.Tensor) -> torch.Tensor:
+                # c_k·x_k broadcast to the output: the other terms would only add zeros
+                u = pad_finite(inner(t), 1, shapes[k], len(out_shape))
+                u = u.expand(u.shape[0], *out_shape)
+                return u if c == 1.0 else c * u
+
+            return term
+
         def mapped(t: torch.Tensor) -> torch.Tensor:
             u = inner(t)
             args = [
@@ -75,6 +87,19 @@ class GaussianBasis:
             if ia.matrix is ib.matrix and ia.transpose == ib.transpose and not ia.transpose:
                 return ia.matrix.variance * self._second_moment(ia.x, ib.x)
         return None
+
+    def may_correlate(self, g: Vector, h: Vector) -> bool:
+        """False when no atom of g can covary with an atom of h (different initial vectors,
+        different matrices): decided from the program alone, without computing anything."""
+        for a, _ in self.atoms(g):
+            for b, _ in self.atoms(h):
+                ia, ib = a.instruction, b.instruction
+                if isinstance(ia, InitVector) and a is b:
+                    return True
+                if (isinstance(ia, MatMul) and isinstance(ib, MatMul) and ia.matrix is ib.matrix
+                        and ia.transpose == ib.transpose and not ia.transpose):
+                    return True
+        return False
 
     def cov(self, g: Vector, h: Vector) -> torch.Tensor:
         """Cov(Z^g, Z^h) with shape ``[*F_g, *F_h]`` (both Gaussian, zero mean)."""
