@@ -149,7 +149,8 @@ class _Store:
             self.done = {tuple(t) for t in old["done"]}
             self.arrays = {k: np.load(self.dir / f"{k}.npy", mmap_mode="r+") for k in kinds}
             return
-        others = [p.name for p in self.dir.iterdir() if p.name not in {f"{k}.npy" for k in kinds}]
+        ours = {f"{k}.npy" for k in kinds} | {STATE + ".tmp"}  # left by a run killed before its first record
+        others = [p.name for p in self.dir.iterdir() if p.name not in ours]
         if others:
             raise ValueError(
                 f"out={str(self.dir)!r} contains {others[:5]} but no {STATE}: not a kernel_matrix "
