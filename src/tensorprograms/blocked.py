@@ -15,6 +15,7 @@ process; the client writes the tiles as they arrive.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -105,7 +106,11 @@ def compute_tile(limit, xs1, xs2, i: int, j: int, b: int, kinds: tuple[str, ...]
         got = {"nngp": K, "ntk": T}
     else:
         got = {"nngp": limit.nngp(a1, c1)}
-    tiles = [got[k].detach().numpy() for k in kinds]
+    tiles = [got[k].detach().numpy().copy() for k in kinds]
+    del got
+    # a tile's program and limit form reference cycles: free their N² caches now, not when
+    # the cyclic collector next runs, so memory stays that of one tile
+    gc.collect()
     if c is None:  # the engine's sums are symmetric only to rounding; make the matrix exactly so
         tiles = [(t + t.T) / 2 for t in tiles]
     return tiles
