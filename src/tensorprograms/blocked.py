@@ -74,11 +74,17 @@ def _fingerprint(limit, xs1, xs2, kinds, block_size) -> dict:
     factory = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
     hyper = {k: float(v.detach()) for k, v in sorted(limit.hyperparameters.items())}
     return {
-        "format": FORMAT, "factory": factory, "parametrization": limit.parametrization,
+        "format": FORMAT, "factory": factory, "parametrization": _text(limit.parametrization),
+        "nominal_width": getattr(limit, "nominal_width", None),
         "widths": list(limit.widths), "hyperparameters": hyper, "kinds": list(kinds),
         "block_size": block_size, "x1": _digest(xs1), "x2": _digest(xs2),
         "shape": [xs1[0].shape[0], (xs2 or xs1)[0].shape[0]],
     }
+
+
+def _text(value) -> str:
+    """A JSON-able, process-independent description (a name, or a dataclass's repr)."""
+    return value if isinstance(value, str) else repr(value)
 
 
 def _tiles(n1: int, n2: int, b: int, symmetric: bool) -> list[tuple[int, int]]:
@@ -279,8 +285,6 @@ def kernel_matrix(
     kinds = tuple(kinds) if not isinstance(kinds, str) else (kinds,)
     if not kinds or len(set(kinds)) != len(kinds) or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds must be distinct names from {KINDS}, got {kinds}")
-    if "ntk" in kinds and limit.parametrization != "ntk":
-        raise ValueError("the NTK needs parametrization='ntk'; use kinds=('nngp',) otherwise.")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     xs1 = _as_inputs(x1, "x1")

@@ -61,8 +61,10 @@ class InfiniteWidthLimit:
         on unpickling, e.g. on Dask workers: captured graphs are not portable. The factory
         must itself pickle (a module-level class or function, or a functools.partial)."""
         hyper = {k: v.detach().clone() for k, v in self.hyperparameters.items()}
+        # settings added to the constructor later travel by keyword when present
+        extra = {k: getattr(self, k) for k in ("nominal_width",) if hasattr(self, k)}
         return (_rebuild, (self.factory, self.example_inputs, self.parametrization, self.widths,
-                           self.variances, hyper))
+                           self.variances, hyper, extra))
 
     def _default_hyperparameters(self) -> dict[str, torch.Tensor]:
         """σ² per parameter: per-entry variance × fan-in (weights), the variance (biases).
@@ -160,8 +162,8 @@ class InfiniteWidthLimit:
         return K if x2 is None else K[:n1, n1:]
 
 
-def _rebuild(factory, example_inputs, parametrization, widths, variances, hyper) -> InfiniteWidthLimit:
-    limit = InfiniteWidthLimit(factory, example_inputs, parametrization, widths, variances)
+def _rebuild(factory, example_inputs, parametrization, widths, variances, hyper, extra) -> InfiniteWidthLimit:
+    limit = InfiniteWidthLimit(factory, example_inputs, parametrization, widths, variances, **extra)
     limit.hyperparameters = hyper
     return limit
 
