@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean mup-transfer mup-coord-check
+.PHONY: demo test test-slow lint bench bench-nt clean mup-transfer mup-coord-check
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ mup-coord-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+
+# our kernels next to neural-tangents' (creates .venv-nt on first use; see docs/benchmarks.md)
+bench-nt: $(STAMP)
+	$(PY) benchmarks/nt_compare.py --scaling 1000,2000,4000,8000

@@ -8,6 +8,7 @@
 """
 
 from . import empirical, feature_learning, frontend, functions, master, mup, parametrization, program
+from .blocked import kernel_matrix
 from .errors import ExpectationError, ProgramError, UnsupportedOperation, WidthError
 from .frontend import InfiniteWidthLimit, infinite_width
 from .master import ProgramLimit, master_theorem
@@ -24,6 +25,7 @@ __all__ = [
     "feature_learning",
     "frontend",
     "infinite_width",
+    "kernel_matrix",
     "FiniteWidthRun",
     "Matrix",
     "Program",

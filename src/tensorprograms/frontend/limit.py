@@ -55,6 +55,7 @@ class InfiniteWidthLimit:
         self.parametrization = parametrization
         self.nominal_width = nominal_width
         self.widths = widths
+        self.variances = dict(variances) if variances is not None else None
         self.inits = read_initialization(factory, widths, variances=variances)
         self.hyperparameters = self._default_hyperparameters()
         self._captured: dict[tuple, Captured] = {}
@@ -82,6 +83,16 @@ class InfiniteWidthLimit:
         return make_trainer(self.factory, self.example_inputs[0], self.base_width, optimizer=optimizer,
                             lr=lr, loss=loss, method=method, particles=particles, seed=seed,
                             variances=self.variances, model=self._mlp)
+
+    def __reduce__(self):
+        """Pickles as its recipe (factory, inputs, settings, current σ² values) and is rebuilt
+        on unpickling, e.g. on Dask workers: captured graphs are not portable. The factory
+        must itself pickle (a module-level class or function, or a functools.partial)."""
+        hyper = {k: v.detach().clone() for k, v in self.hyperparameters.items()}
+        # settings added to the constructor later travel by keyword when present
+        extra = {k: getattr(self, k) for k in ("nominal_width",) if hasattr(self, k)}
+        return (_rebuild, (self.factory, self.example_inputs, self.parametrization, self.widths,
+                           self.variances, hyper, extra))
 
     def _default_hyperparameters(self) -> dict[str, torch.Tensor]:
         """σ² per parameter: per-entry variance × fan-in (weights), the variance (biases).
@@ -260,6 +271,12 @@ class InfiniteWidthLimit:
         program, out = self._lower(xs)
         K = _per_example(master_theorem(program).second_moment(out.var), xs[0].shape[0])
         return K if x2 is None else K[:n1, n1:]
+
+
+def _rebuild(factory, example_inputs, parametrization, widths, variances, hyper, extra) -> InfiniteWidthLimit:
+    limit = InfiniteWidthLimit(factory, example_inputs, parametrization, widths, variances, **extra)
+    limit.hyperparameters = hyper
+    return limit
 
 
 def _per_example(K: torch.Tensor, batch: int) -> torch.Tensor:

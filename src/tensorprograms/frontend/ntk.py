@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 
 from ..errors import UnsupportedOperation
+from ..master import closed_form
 from ..program import functions as F
 from ..program.calling import call_full, common_rank, is_elementwise
 from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
@@ -56,8 +57,14 @@ def _vjp_fn(fn, shapes, i: int, out_shape, nparams: int, linear: bool):
     return pull
 
 
-def _diag_jacobian(fn, shapes, i):
-    """∂φ/∂x_i of an elementwise φ (the diagonal of its Jacobian), by a vjp with ones."""
+def _diag_jacobian(fn, shapes, i, params=()):
+    """∂φ/∂x_i of an elementwise φ (the diagonal of its Jacobian): in closed form for the
+    recognised activations (relu' = step, …, so E[φ'φ'] has a closed form too), else by a
+    vjp with ones."""
+    if len(shapes) == 1 and not params:
+        d = closed_form.derivative(fn)
+        if d is not None:
+            return d
 
     def jac(*vals):
         xs, ps = list(vals[: len(shapes)]), list(vals[len(shapes):])
@@ -209,7 +216,9 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             ps = ins.params  # Scalars held at their limits, like Moments (see the docstring)
             for i, x in enumerate(ins.xs):
                 if x.kind == "init":
-                    a = Q.linear(_part(ins.fn, shapes, i), x, label=f"use of {x.name}", params=ps)
+                    # a LinComb of x alone is its own use (shares its covariance cache)
+                    a = out if len(ins.xs) == 1 and not ps else Q.linear(
+                        _part(ins.fn, shapes, i), x, label=f"use of {x.name}", params=ps)
                     uses[x].append((a, d))
                 elif isinstance(d, torch.Tensor):
                     if ps:
@@ -248,7 +257,7 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                 elif ins.elementwise and all(s == out.shape for s in shapes):
                     # φ' at the forward point times the cotangent: a product whose factors are
                     # independent in the limit (forward vs backward), which the engine factors
-                    jac = Q.nonlin(_diag_jacobian(ins.fn, shapes, i), *ins.xs, params=ins.params,
+                    jac = Q.nonlin(_diag_jacobian(ins.fn, shapes, i, ins.params), *ins.xs, params=ins.params,
                                    elementwise=True)
                     # keep cotangents as (forward factor) × (backward vector): the engine
                     # factors E[(F B) ⊗ (F' B')] only when the two groups are independent

@@ -60,10 +60,60 @@ def terms_of(fn: Callable | None) -> Terms | None:
         return (((fn.slope, "id"), (1.0 - fn.slope, "relu")), 0.0)
     if isinstance(fn, F.Affine):
         return (((fn.scale, "id"),), fn.shift)
+    if isinstance(fn, Combination):
+        return fn.terms
     base = _BASE_OF.get(fn)
     if base is not None:
         return (((1.0, base),), 0.0)
     return None
+
+
+_BASE_FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "id": lambda x: x, "relu": torch.relu, "step": F.step, "erf": torch.erf,
+    "sin": torch.sin, "cos": torch.cos, "exp": torch.exp,
+}
+
+
+class Combination(F.Elementwise):
+    """``Σ_i c_i · base_i(x) + const``: a function given by its basis expansion (so the
+    closed forms apply to it), e.g. the derivative of a recognised activation."""
+
+    def __init__(self, terms: Terms):
+        self.terms = terms
+        parts = [f"{c:g}·{b}" for c, b in terms[0]] + ([f"{terms[1]:g}"] if terms[1] or not terms[0] else [])
+        self.name = " + ".join(parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.full_like(x, self.terms[1])
+        for coef, base in self.terms[0]:
+            total = total + coef * _BASE_FN[base](x)
+        return total
+
+
+# d/dx of each base as (coef, base) pairs plus a constant; step' is a delta (no entry)
+_DERIVATIVE: dict[str, tuple[tuple[tuple[float, str], ...], float]] = {
+    "id": ((), 1.0), "relu": (((1.0, "step"),), 0.0), "sin": (((1.0, "cos"),), 0.0),
+    "cos": (((-1.0, "sin"),), 0.0), "exp": (((1.0, "exp"),), 0.0),
+}
+
+
+def derivative(fn: Callable | None) -> Combination | None:
+    """``φ'`` as a :class:`Combination` when ``φ`` has a basis expansion whose bases all have
+    derivatives in the basis (relu → step, sin → cos, …), else None. The NTK's backward pass
+    uses it so that E[φ'(u) φ'(v)] gets a closed form instead of quadrature."""
+    terms = terms_of(fn)
+    if terms is None:
+        return None
+    out: dict[str, float] = {}
+    const = 0.0
+    for coef, base in terms[0]:
+        d = _DERIVATIVE.get(base)
+        if d is None:
+            return None
+        const += coef * d[1]
+        for c, b in d[0]:
+            out[b] = out.get(b, 0.0) + coef * c
+    return Combination((tuple((c, b) for b, c in out.items() if c != 0.0), const))
 
 
 def _mean_base(base: str, v: torch.Tensor) -> torch.Tensor | None:
@@ -91,31 +141,77 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, v, 1.0).sqrt(), 0.0)
 
 
-def _cross_base(b1: str, b2: str, v1, v2, c) -> torch.Tensor | None:
-    """E[b1(u) b2(v)], with Var u = v1, Var v = v2, Cov = c (broadcast shapes)."""
-    s1, s2 = v1.clamp_min(0).sqrt(), v2.clamp_min(0).sqrt()
-    # sqrt(v1·v2), not s1·s2: a vector paired with itself then gets ρ = 1 exactly, which
-    # matters because arccos amplifies rounding near ±1.
-    rho = _safe_div(c, _safe_sqrt(v1 * v2)).clamp(-1.0, 1.0)
-    # arccos' is infinite at ±1, where a vector meets itself (ρ ≡ 1, dρ = 0): take the
-    # gradient from ρ clamped just inside ±1 and the value from ρ itself, so values stay
-    # exact and gradients w.r.t. hyperparameters stay finite.
-    inside = rho.clamp(-1.0 + 1e-15, 1.0 - 1e-15)
-    theta = torch.arccos(inside) + (torch.arccos(rho) - torch.arccos(inside)).detach()
+class _Pair:
+    """Var u = v1, Var v = v2, Cov = c, and the quantities derived from them, computed once
+    per cross moment and shared by all its base pairs (ρ and θ are full-size passes; abs =
+    2·relu − id alone has four base pairs)."""
+
+    def __init__(self, v1, v2, c, shared: dict | None = None):
+        self.v1, self.v2, self.c = v1, v2, c
+        self.shared = {} if shared is None else shared
+
+    def flipped(self) -> _Pair:
+        return _Pair(self.v2, self.v1, self.c, self.shared)  # ρ and θ are symmetric in (u, v)
+
+    @property
+    def s1(self):
+        return self.v1.clamp_min(0).sqrt()
+
+    @property
+    def s2(self):
+        return self.v2.clamp_min(0).sqrt()
+
+    @property
+    def grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.v1, self.v2, self.c))
+
+    @property
+    def rho(self):
+        if "rho" not in self.shared:
+            # sqrt(v1·v2), not s1·s2: a vector paired with itself then gets ρ = 1 exactly,
+            # which matters because arccos amplifies rounding near ±1.
+            if self.grad:
+                rho = _safe_div(self.c, _safe_sqrt(self.v1 * self.v2)).clamp(-1.0, 1.0)
+            else:  # the same values with fewer full-size passes
+                den = (self.v1 * self.v2).clamp_min_(0).sqrt_()
+                rho = torch.where(den > 0, self.c / den, 0.0).clamp_(-1.0, 1.0)
+            self.shared["rho"] = rho
+        return self.shared["rho"]
+
+    @property
+    def theta(self):
+        if "theta" not in self.shared:
+            rho = self.rho
+            if self.grad:
+                # arccos' is infinite at ±1, where a vector meets itself (ρ ≡ 1, dρ = 0):
+                # take the gradient from ρ clamped just inside ±1 and the value from ρ
+                # itself, so values stay exact and gradients w.r.t. hyperparameters finite.
+                inside = rho.clamp(-1.0 + 1e-15, 1.0 - 1e-15)
+                theta = torch.arccos(inside) + (torch.arccos(rho) - torch.arccos(inside)).detach()
+            else:
+                theta = torch.arccos(rho)
+            self.shared["theta"] = theta
+        return self.shared["theta"]
+
+
+def _cross_base(b1: str, b2: str, p: _Pair) -> torch.Tensor | None:
+    """E[b1(u) b2(v)], with Var u = p.v1, Var v = p.v2, Cov = p.c (broadcast shapes)."""
+    v1, v2, c = p.v1, p.v2, p.c
     pair = (b1, b2)
     if pair == ("id", "id"):
         return c + 0 * (v1 + v2)
     if pair == ("id", "relu"):
         return c / 2 + 0 * v1
     if pair == ("id", "step"):
-        return _safe_div(c, s2 * SQRT_2PI) + 0 * v1
+        return _safe_div(c, p.s2 * SQRT_2PI) + 0 * v1
     if pair == ("relu", "relu"):
-        return s1 * s2 / (2 * math.pi) * (torch.sin(theta) + (math.pi - theta) * torch.cos(theta))
+        t = p.theta
+        return p.s1 * p.s2 / (2 * math.pi) * (torch.sin(t) + (math.pi - t) * torch.cos(t))
     if pair == ("relu", "step"):
-        return torch.where(s2 > 0, s1 * (1 + rho) / (2 * SQRT_2PI), 0.0)
+        return torch.where(p.s2 > 0, p.s1 * (1 + p.rho) / (2 * SQRT_2PI), 0.0)
     if pair == ("step", "step"):
-        both = (s1 > 0) & (s2 > 0)
-        return torch.where(both, (math.pi - theta) / (2 * math.pi), 0.0)
+        both = (p.s1 > 0) & (p.s2 > 0)
+        return torch.where(both, (math.pi - p.theta) / (2 * math.pi), 0.0)
     if pair == ("id", "erf"):
         return c * (2 / math.sqrt(math.pi)) / torch.sqrt(1 + 2 * v2) + 0 * v1
     if pair == ("erf", "erf"):
@@ -157,11 +253,12 @@ def cross(
 ) -> torch.Tensor | None:
     """E[f(u) g(v)] (shapes of v1, v2, c broadcast), or None if some pair has no formula."""
     total = torch.zeros(torch.broadcast_shapes(v1.shape, v2.shape, c.shape), dtype=c.dtype)
+    pair = _Pair(v1, v2, c)
     for coef1, b1 in t1[0]:
         for coef2, b2 in t2[0]:
-            val = _cross_base(b1, b2, v1, v2, c)
+            val = _cross_base(b1, b2, pair)
             if val is None:
-                flipped = _cross_base(b2, b1, v2, v1, c)
+                flipped = _cross_base(b2, b1, pair.flipped())
                 if flipped is None:
                     return None
                 val = flipped

@@ -33,6 +33,10 @@ class Estimate:
     dim: int
 
 
+def _is_identity(index: torch.Tensor, size: int) -> bool:
+    return index.numel() == size and bool((index == torch.arange(size)).all())
+
+
 class Expectations:
     def __init__(
         self,
@@ -106,6 +110,8 @@ class Expectations:
         """Cov of leaf i of f (at index a) and leaf j of g (at index b or a)."""
         c = self.cov(f.leaves[i], g.leaves[j]).reshape(f.leaves[i].numel, g.leaves[j].numel)
         mi, mj = f.maps[i], g.maps[j]
+        if _is_identity(mi, c.shape[0]) and _is_identity(mj, c.shape[1]):
+            return c.diagonal() if paired else c  # views: no full-size gather (e.g. an MLP's leaves)
         if paired:
             return c[mi, mj]
         return c[mi[:, None], mj[None, :]]

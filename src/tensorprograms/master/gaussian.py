@@ -1,11 +1,19 @@
 """The Gaussian part of the limit: G-vars as linear maps of atoms, and their covariances.
 
-Every G-var is ``Σ_i L_i(atom_i)`` where an atom is an initial vector or a MatMul
-output and ``L_i`` a linear map over finite indices (built from LinComb functions).
+Every G-var is ``Σ_a M_a Z^a`` where an atom ``a`` is an initial vector or a MatMul
+output and ``M_a`` a linear map over finite indices (built from LinComb functions).
 Atoms from different matrices or different initial vectors are independent; two
 MatMul atoms of the same matrix W have ``Cov(Z^{Wx}, Z^{Wy}) = σ_W² E[Z^x Z^y]``
 (TP I). Covariances are computed on demand and cached, and always for all finite
 indices at once: ``cov(g, h)`` has shape ``[*F_g, *F_h]``.
+
+Each ``M_a`` is kept in one of two forms. Small ones (``|F_g|·|F_a| ≤ DENSE_LIMIT``) are
+dense matrices ``[|F_g|, |F_a|]``: an atom reached along several paths of LinCombs (as in
+the Netsor⊤ rewrite, where each ``Ż`` adds earlier vectors back) is then one matrix, not
+one term per path, so the cost stays linear in the program's length. Large ones (kernels
+of many inputs, feature maps with many positions) stay functions applied to covariance
+blocks, which costs what the LinComb's own function costs (a convolution's shifts, a
+broadcast) instead of a dense matrix product.
 """
 
 from __future__ import annotations
@@ -14,15 +22,34 @@ from collections.abc import Callable
 
 import torch
 
-from ..program.calling import call_full
+from ..program.calling import call_full, pad_finite
 from ..program.instructions import InitVector, LinComb, MatMul
 from ..program.variables import Scalar, Vector
 
 LinearMap = Callable[[torch.Tensor], torch.Tensor]  # [B, *F_atom] -> [B, *F_g]
+Term = torch.Tensor | LinearMap  # dense [|F_g|, |F_a|] or a map
+DENSE_LIMIT = 1 << 16
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _as_map(term: Term, atom: Vector, g: Vector) -> LinearMap:
+    if not isinstance(term, torch.Tensor):
+        return term
+
+    def dense(t: torch.Tensor, _m=term, _a=atom.numel, _g=g.shape) -> torch.Tensor:
+        return (t.reshape(t.shape[0], _a) @ _m.T).reshape(t.shape[0], *_g)
+
+    return dense
+
+
+def _sum_maps(f: LinearMap, h: LinearMap) -> LinearMap:
+    def both(t: torch.Tensor) -> torch.Tensor:
+        return f(t) + h(t)
+
+    return both
 
 
 class GaussianBasis:
@@ -38,29 +65,70 @@ class GaussianBasis:
                  scalar_value: Callable[[Scalar], torch.Tensor] | None = None):
         self._second_moment = second_moment
         self._scalar_value = scalar_value
-        self._atoms: dict[Vector, list[tuple[Vector, LinearMap]]] = {}
+        self._terms: dict[Vector, dict[Vector, Term]] = {}
         self._cov: dict[tuple[Vector, Vector], torch.Tensor] = {}
 
-    def atoms(self, g: Vector) -> list[tuple[Vector, LinearMap]]:
-        if g in self._atoms:
-            return self._atoms[g]
+    def terms(self, g: Vector) -> dict[Vector, Term]:
+        """``{atom: M_{g,atom}}``, each a dense matrix or a map (see the module docstring)."""
+        if g in self._terms:
+            return self._terms[g]
         ins = g.instruction
+        result: dict[Vector, Term] = {}
         if isinstance(ins, (InitVector, MatMul)):
-            result = [(g, _identity)]
+            small = g.numel * g.numel <= DENSE_LIMIT
+            result[g] = torch.eye(g.numel, dtype=torch.float64) if small else _identity
         elif isinstance(ins, LinComb):
-            result = []
             shapes = [x.shape for x in ins.xs]
             params = [self._scalar_value(p) if isinstance(p, Scalar) else p for p in ins.params]
             for k, x in enumerate(ins.xs):
-                for atom, inner in self.atoms(x):
-                    result.append((atom, self._through(ins.fn, shapes, k, inner, params)))
+                for atom, inner in self.terms(x).items():
+                    if isinstance(inner, torch.Tensor) and g.numel * atom.numel <= DENSE_LIMIT:
+                        # the columns of the matrix pushed through the k-th slot of the map
+                        cols = inner.T.reshape(atom.numel, *x.shape)
+                        args = [cols if i == k else torch.zeros(atom.numel, *s, dtype=torch.float64)
+                                for i, s in enumerate(shapes)]
+                        term = call_full(ins.fn, args, shapes, params, 1).reshape(atom.numel, g.numel).T
+                    else:
+                        term = self._through(ins.fn, shapes, k, _as_map(inner, atom, x), g.shape, params)
+                    if atom in result:
+                        old = result[atom]
+                        if isinstance(old, torch.Tensor) and isinstance(term, torch.Tensor):
+                            term = old + term
+                        else:
+                            term = _sum_maps(_as_map(old, atom, g), _as_map(term, atom, g))
+                    result[atom] = term
         else:
             raise TypeError(f"{g.name} is not a Gaussian vector")
-        self._atoms[g] = result
+        self._terms[g] = result
         return result
 
+    def coefficients(self, g: Vector) -> dict[Vector, torch.Tensor]:
+        """``{atom: M_{g,atom}}`` as dense matrices ``[|F_g|, |F_atom|]``, in atom order
+        (maps are materialized: meant for programs with small finite shapes)."""
+        out = {}
+        for atom, term in self.terms(g).items():
+            if isinstance(term, torch.Tensor):
+                out[atom] = term
+            else:
+                eye = torch.eye(atom.numel, dtype=torch.float64).reshape(atom.numel, *atom.shape)
+                out[atom] = term(eye).reshape(atom.numel, g.numel).T
+        return out
+
     @staticmethod
-    def _through(fn, shapes, k: int, inner: LinearMap, params=()) -> LinearMap:
+    def _through(fn, shapes, k: int, inner: LinearMap, out_shape: tuple[int, ...],
+                 params=()) -> LinearMap:
+        coefficients = getattr(fn, "coefficients", None)  # Σ_i c_i x_i (Program.lincomb)
+        if coefficients is not None and not params:
+            c = coefficients[k]
+
+            def term(t: torch.Tensor) -> torch.Tensor:
+                # c_k·x_k broadcast to the output: the other terms would only add zeros
+                u = pad_finite(inner(t), 1, shapes[k], len(out_shape))
+                u = u.expand(u.shape[0], *out_shape)
+                return u if c == 1.0 else c * u
+
+            return term
+
         def mapped(t: torch.Tensor) -> torch.Tensor:
             u = inner(t)
             args = [
@@ -81,6 +149,19 @@ class GaussianBasis:
                 return ia.matrix.variance * self._second_moment(ia.x, ib.x)
         return None
 
+    def may_correlate(self, g: Vector, h: Vector) -> bool:
+        """False when no atom of g can covary with an atom of h (different initial vectors,
+        different matrices): decided from the program alone, without computing anything."""
+        for a in self.terms(g):
+            for b in self.terms(h):
+                ia, ib = a.instruction, b.instruction
+                if isinstance(ia, InitVector) and a is b:
+                    return True
+                if (isinstance(ia, MatMul) and isinstance(ib, MatMul) and ia.matrix is ib.matrix
+                        and ia.transpose == ib.transpose and not ia.transpose):
+                    return True
+        return False
+
     def cov(self, g: Vector, h: Vector) -> torch.Tensor:
         """Cov(Z^g, Z^h) with shape ``[*F_g, *F_h]`` (both Gaussian, zero mean)."""
         key = (g, h)
@@ -89,11 +170,15 @@ class GaussianBasis:
         if (h, g) in self._cov:
             return self._transpose(self._cov[(h, g)], h.shape, g.shape)
         total = torch.zeros(g.numel, h.numel, dtype=torch.float64)
-        for a, la in self.atoms(g):
-            for b, lb in self.atoms(h):
+        for a, ta in self.terms(g).items():
+            for b, tb in self.terms(h).items():
                 c = self._atom_cov(a, b)
                 if c is None:
                     continue
+                if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
+                    total = total + ta @ c.reshape(a.numel, b.numel) @ tb.T
+                    continue
+                la, lb = _as_map(ta, a, g), _as_map(tb, b, h)
                 c = c.reshape(a.numel, *b.shape)
                 c = lb(c).reshape(a.numel, h.numel)  # map the second group: [|F_a|, |F_h|]
                 c = c.T.reshape(h.numel, *a.shape)

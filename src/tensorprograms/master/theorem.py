@@ -132,7 +132,7 @@ class ProgramLimit:
         right = self._leaves(v1) + self._leaves(v2)
         for a in left:
             for b in right:
-                if a is b or self._basis.cov(a, b).abs().max() > 0:
+                if a is b or (self._basis.may_correlate(a, b) and self._basis.cov(a, b).abs().max() > 0):
                     return None
         eu, ev = self._second(u1, u2), self._second(v1, v2)
         se = None

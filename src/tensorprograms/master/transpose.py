@@ -104,7 +104,9 @@ def to_netsor(P: Program, limit_factory) -> tuple[Program, dict[Var, Var], objec
         if isinstance(ins, InitMatrix):
             hats[out] = []
         elif isinstance(ins, InitVector):
-            m[out] = Q.vector(out.name, shape=out.shape, cov=ins.cov, ratio=out.ratio)
+            # a copy of an already validated vector: Q.vector would redo the O(|F|³) PSD check
+            v = Vector(Q, Q._fresh(out.name, "v"), out.shape, out.ratio, "init")
+            m[out] = Q._append(InitVector(v, ins.cov, ins.description))
         elif isinstance(ins, MatMul):
             W, x = ins.matrix, m[ins.x]
             if not ins.transpose:

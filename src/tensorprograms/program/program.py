@@ -289,6 +289,7 @@ class Program:
                 total = total + c * v
             return total
 
+        combination.coefficients = tuple(coefficients)  # lets the engine map one term alone
         label = " + ".join(f"{c:g}·{getattr(x, 'name', x)}" for c, x in zip(coefficients, xs, strict=False))
         return self.linear(combination, *xs, name=name, label=label)
 

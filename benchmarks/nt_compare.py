@@ -1,0 +1,324 @@
+"""Our limit kernels next to neural-tangents', on the same architectures and inputs (float64).
+
+Run: ``make bench-nt`` (or ``.venv/bin/python benchmarks/nt_compare.py``). The first run
+creates ``.venv-nt`` (git-ignored) with neural-tangents 0.6.5 and the versions it works
+with; the library never imports neural-tangents. Each library runs each case in its own
+subprocess (jax with x64 and ``jit``): one warm-up call (capture / compilation), then the
+median of ``--repeats`` timed calls; peak memory is the subprocess's maximum resident set
+size. The roofline column is the unavoidable work measured on this machine for the MLPs:
+the N×N×d Gram product plus one arccos pass over N² entries per layer and kernel.
+The "rel. err" column is max |ours − nt| / max |nt| over both kernels, all entries / off
+the diagonal.
+
+The "emp" case is one finite MLP's empirical NTK (depth 3, width 512, the same weights in
+both; neural-tangents' structured-derivatives implementation).
+
+Options: ``--cases mlp3,mlp10,cnn8,emp`` (default: the issue's cases but the 16×16 CNN),
+``--n 4000`` (override N of the MLP cases), ``--repeats 3``, ``--scaling 1000,2000,4000,8000``
+(our MLP time vs N only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NT_VENV = ROOT / ".venv-nt"
+NT_PACKAGES = ["neural-tangents==0.6.5", "jax==0.4.25", "jaxlib==0.4.25", "tensorflow==2.15.1",
+               "tf2jax==0.3.6", "numpy<2"]
+SW2, SB2 = 2.0, 0.05  # weight variance × fan_in, bias variance (both libraries)
+WIDTH = 512  # only the finite width of nothing we time: limits do not depend on it
+
+CASES = {
+    "mlp3": dict(arch="mlp", depth=3, n=4000, shape=(784,)),
+    "mlp10-2000": dict(arch="mlp", depth=10, n=2000, shape=(784,)),
+    "mlp10": dict(arch="mlp", depth=10, n=4000, shape=(784,)),
+    "cnn8": dict(arch="cnn", n=64, shape=(8, 8, 3)),
+    "cnn16": dict(arch="cnn", n=64, shape=(16, 16, 3)),
+    # one finite ReLU MLP (depth 3, width 512, NTK parametrization), same weights in both
+    "emp": dict(arch="emp", depth=3, n=256, shape=(784,)),
+}
+DEFAULT = "mlp3,mlp10-2000,mlp10,cnn8,emp"
+
+
+# ---------------------------------------------------------------- the nt virtualenv
+def nt_python() -> Path:
+    py = NT_VENV / "bin" / "python"
+    stamp = NT_VENV / ".installed"
+    if not stamp.exists() or stamp.read_text() != " ".join(NT_PACKAGES):
+        print(f"creating {NT_VENV} with {' '.join(NT_PACKAGES)} (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(NT_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", *NT_PACKAGES], check=True)
+        stamp.write_text(" ".join(NT_PACKAGES))
+    return py
+
+
+# ---------------------------------------------------------------- workers (subprocesses)
+def _timed(fn, repeats: int) -> tuple[float, list[float]]:
+    t = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return warm, times
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker_ours(case: dict, x_path: str, out: str, repeats: int) -> dict:
+    import functools
+
+    import numpy as np
+    import torch
+
+    import tensorprograms as tp
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from nt_models import CNN, MLP
+
+    x = torch.from_numpy(np.load(x_path))
+    if case["arch"] == "mlp":
+        factory = functools.partial(MLP, d=x.shape[1], depth=case["depth"], sw2=SW2, sb2=SB2)
+    else:
+        x = x.permute(0, 3, 1, 2).contiguous()  # NHWC (nt) -> NCHW (torch)
+        factory = functools.partial(CNN, cin=x.shape[1], sw2=SW2, sb2=SB2)
+    limit = tp.infinite_width(factory, x[:2])
+    result = {}
+
+    def run():
+        result["k"] = limit.kernels(x)
+
+    warm, times = _timed(run, repeats)
+    K, T = result["k"]
+    np.save(out + ".nngp.npy", K.numpy())
+    np.save(out + ".ntk.npy", T.numpy())
+    return {"warm": warm, "times": times, "peak_mb": _peak_mb()}
+
+
+def worker_ours_empirical(case: dict, x_path: str, out: str, repeats: int) -> dict:
+    """The empirical NTK of one finite MLP; its weights are saved for neural-tangents."""
+    import numpy as np
+    import torch
+
+    import tensorprograms as tp
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from nt_models import MLP
+
+    x = torch.from_numpy(np.load(x_path))
+    torch.manual_seed(0)
+    model = MLP(WIDTH, d=x.shape[1], depth=case["depth"], sw2=SW2, sb2=SB2).double()
+    variances = {n: (SB2 if n.endswith("bias") else SW2 / p.shape[1]) for n, p in model.named_parameters()}
+    np.savez(out + ".weights.npz", **{n: p.detach().numpy() for n, p in model.named_parameters()})
+    result = {}
+
+    def run():
+        result["k"] = tp.empirical.ntk(model, x, parametrization="ntk", variances=variances)
+
+    warm, times = _timed(run, repeats)
+    np.save(out + ".ntk.npy", result["k"].numpy())
+    return {"warm": warm, "times": times, "peak_mb": _peak_mb()}
+
+
+def worker_nt_empirical(case: dict, x_path: str, out: str, repeats: int) -> dict:
+    """neural-tangents' empirical NTK (structured derivatives) of the same weights."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import neural_tangents as nt
+    import numpy as np
+    from neural_tangents import stax
+
+    sw, sb = SW2**0.5, SB2**0.5
+    layers = []
+    for _ in range(case["depth"]):
+        layers += [stax.Dense(WIDTH, W_std=sw, b_std=sb), stax.Relu()]
+    layers.append(stax.Dense(1, W_std=sw, b_std=sb))
+    _, apply_fn, _ = stax.serial(*layers)
+    w = np.load(out.replace(".nt", ".ours") + ".weights.npz")
+    names = [f"layers.{i}" for i in range(case["depth"])] + ["out"]
+    params = []
+    for i, name in enumerate(names):  # ω = W·√fan_in / W_std (stax's NTK parametrization)
+        W, b = w[f"{name}.weight"], w[f"{name}.bias"]
+        params.append((W.T * np.sqrt(W.shape[1]) / sw, b / sb))
+        if i < len(names) - 1:
+            params.append(())
+    fn = jax.jit(nt.empirical_ntk_fn(apply_fn, trace_axes=(-1,),
+                                     implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES))
+    x = jax.numpy.asarray(np.load(x_path))
+    result = {}
+
+    def run():
+        result["k"] = fn(x, None, params).block_until_ready()
+
+    warm, times = _timed(run, repeats)
+    np.save(out + ".ntk.npy", np.asarray(result["k"]))
+    return {"warm": warm, "times": times, "peak_mb": _peak_mb()}
+
+
+def worker_nt(case: dict, x_path: str, out: str, repeats: int) -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+    from neural_tangents import stax
+
+    sw, sb = SW2**0.5, SB2**0.5
+    if case["arch"] == "mlp":
+        layers = []
+        for _ in range(case["depth"]):
+            layers += [stax.Dense(WIDTH, W_std=sw, b_std=sb), stax.Relu()]
+        layers.append(stax.Dense(1, W_std=sw, b_std=sb))
+    else:
+        conv = lambda: stax.Conv(WIDTH, (3, 3), padding="SAME", W_std=sw, b_std=sb)  # noqa: E731
+        layers = [conv(), stax.Relu(), conv(), stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2)),
+                  conv(), stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1, W_std=sw, b_std=sb)]
+    _, _, kernel_fn = stax.serial(*layers)
+    kernel_fn = jax.jit(kernel_fn, static_argnames="get")
+    x = jax.numpy.asarray(np.load(x_path))
+    result = {}
+
+    def run():
+        k = kernel_fn(x, None, ("nngp", "ntk"))
+        result["k"] = (k.nngp.block_until_ready(), k.ntk.block_until_ready())
+
+    warm, times = _timed(run, repeats)
+    np.save(out + ".nngp.npy", np.asarray(result["k"][0]))
+    np.save(out + ".ntk.npy", np.asarray(result["k"][1]))
+    return {"warm": warm, "times": times, "peak_mb": _peak_mb()}
+
+
+def worker_roofline(case: dict, x_path: str, out: str, repeats: int) -> dict:
+    """The floor of an MLP kernel: Gram product + (layers × kernels) arccos passes over N²."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.load(x_path))
+    n = x.shape[0]
+    rho = torch.rand(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    buf = torch.empty_like(rho)
+    _, gram = _timed(lambda: x @ x.T, repeats)
+    _, arccos = _timed(lambda: torch.arccos(rho, out=buf), repeats)
+    g, a = statistics.median(gram), statistics.median(arccos)
+    return {"gram": g, "arccos": a, "roofline": g + 2 * case["depth"] * a, "peak_mb": _peak_mb()}
+
+
+WORKERS = {"ours": worker_ours, "nt": worker_nt, "roofline": worker_roofline,
+           "ours-emp": worker_ours_empirical, "nt-emp": worker_nt_empirical}
+
+
+# ---------------------------------------------------------------- driver
+def spawn(python: Path, worker: str, case: dict, x_path: str, out: str, repeats: int) -> dict:
+    cmd = [str(python), str(Path(__file__).resolve()), "--worker", worker, "--case", json.dumps(case),
+           "--x", x_path, "--out", out, "--repeats", str(repeats)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{worker} on {case} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_inputs(case: dict, path: str) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((case["n"], *case["shape"]))
+    np.save(path, x)
+
+
+def rel_err(out_a: str, out_b: str) -> tuple[float, float]:
+    """max |a − b| / max |b| over both kernels: all entries, and off the diagonal only (on
+    it ρ = 1, where arccos turns a rounding of ρ into an error of its square root)."""
+    import numpy as np
+
+    err = off = 0.0
+    for kind in ("nngp", "ntk"):
+        if not os.path.exists(out_a + f".{kind}.npy"):
+            continue  # the empirical case has only an NTK
+        a, b = np.load(out_a + f".{kind}.npy"), np.load(out_b + f".{kind}.npy")
+        b = b.reshape(a.shape)
+        d = np.abs(a - b) / np.abs(b).max()
+        err = max(err, float(d.max()))
+        np.fill_diagonal(d, 0.0)
+        off = max(off, float(d.max()))
+    return err, off
+
+
+def run_case(name: str, case: dict, tmp: str, nt: Path | None, repeats: int) -> str:
+    """One table row: our subprocess, neural-tangents' subprocess, the roofline (MLPs)."""
+    x_path = os.path.join(tmp, f"{name}.x.npy")
+    make_inputs(case, x_path)
+    ours_out, nt_out = os.path.join(tmp, f"{name}.ours"), os.path.join(tmp, f"{name}.nt")
+    emp = "-emp" if case["arch"] == "emp" else ""
+    ours = spawn(Path(sys.executable), "ours" + emp, case, x_path, ours_out, repeats)
+    t_ours = statistics.median(ours["times"])
+    nt_s = ratio = nt_mb = err = roof = roof_ratio = ""
+    if nt is not None:
+        theirs = spawn(nt, "nt" + emp, case, x_path, nt_out, repeats)
+        t_nt = statistics.median(theirs["times"])
+        nt_s, ratio, nt_mb = f"{t_nt:.3f}", f"{t_ours / t_nt:.2f}", f"{theirs['peak_mb']:.0f}"
+        err = "{:.1e} / {:.1e}".format(*rel_err(ours_out, nt_out))
+    if case["arch"] == "mlp":
+        r = spawn(Path(sys.executable), "roofline", case, x_path, "", repeats)
+        roof, roof_ratio = f"{r['roofline']:.3f}", f"{t_ours / r['roofline']:.1f}"
+    return (f"{name:<12} {case['n']:>5} {t_ours:8.3f} {nt_s:>8} {ratio:>8} {roof:>10} {roof_ratio:>9} "
+            f"{ours['peak_mb']:8.0f} {nt_mb:>8} {err:>17}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=DEFAULT)
+    ap.add_argument("--n", type=int, default=None, help="N for the MLP cases")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scaling", default="", help="comma-separated N for our depth-3 MLP alone")
+    ap.add_argument("--no-nt", action="store_true", help="skip neural-tangents (our times only)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--x", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](json.loads(args.case), args.x, args.out, args.repeats)))
+        return
+
+    nt = None if args.no_nt else nt_python()
+    print(f"load average {os.getloadavg()}, {os.cpu_count()} cores; median of {args.repeats} after warm-up")
+    head = (f"{'case':<12} {'N':>5} {'ours s':>8} {'nt s':>8} {'ours/nt':>8} {'roofline s':>10} "
+            f"{'ours/roof':>9} {'ours MB':>8} {'nt MB':>8} {'rel. err all/off':>17}")
+    print(head)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases.split(","):
+            case = dict(CASES[name])
+            if args.n and case["arch"] == "mlp":
+                case["n"] = args.n
+            print(run_case(name, case, tmp, nt, args.repeats), flush=True)
+        if args.scaling:
+            print("\nscaling, our depth-3 MLP NNGP+NTK (d = 784)")
+            print(f"{'N':>6} {'seconds':>9} {'s / N² ×1e6':>12} {'peak MB':>8}")
+            for n in (int(v) for v in args.scaling.split(",")):
+                case = dict(CASES["mlp3"], n=n)
+                x_path = os.path.join(tmp, f"scale{n}.x.npy")
+                make_inputs(case, x_path)
+                r = spawn(Path(sys.executable), "ours", case, x_path, os.path.join(tmp, f"scale{n}"), 1)
+                t = statistics.median(r["times"])
+                print(f"{n:>6} {t:9.3f} {t / n**2 * 1e6:12.4f} {r['peak_mb']:8.0f}", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
