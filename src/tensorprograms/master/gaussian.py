@@ -1,7 +1,7 @@
 """The Gaussian part of the limit: G-vars as linear maps of atoms, and their covariances.
 
-Every G-var is ``Σ_i L_i(atom_i)`` where an atom is an initial vector or a MatMul
-output and ``L_i`` a linear map over finite indices (built from LinComb functions).
+Every G-var is ``Σ_a M_a Z^a`` where an atom ``a`` is an initial vector or a MatMul
+output and ``M_a`` a matrix over finite indices (built from LinComb functions).
 Atoms from different matrices or different initial vectors are independent; two
 MatMul atoms of the same matrix W have ``Cov(Z^{Wx}, Z^{Wy}) = σ_W² E[Z^x Z^y]``
 (TP I). Covariances are computed on demand and cached, and always for all finite
@@ -18,15 +18,14 @@ from ..program.calling import call_full
 from ..program.instructions import InitVector, LinComb, MatMul
 from ..program.variables import Vector
 
-LinearMap = Callable[[torch.Tensor], torch.Tensor]  # [B, *F_atom] -> [B, *F_g]
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
 
 class GaussianBasis:
     """Atoms and covariances of a program's Gaussian vectors.
+
+    Each G-var ``g`` is kept as one coefficient matrix per atom, ``Z^g = Σ_a M_{g,a} Z^a``
+    with ``M_{g,a}`` of shape ``[|F_g|, |F_a|]``: an atom reached along several paths of
+    LinCombs (as in the Netsor⊤ rewrite, where each ``Ż`` adds earlier vectors back) is
+    one matrix, not one term per path, so the cost stays linear in the program's length.
 
     Args:
         second_moment: callback ``(x, y) -> E[Z^x ⊗ Z^y]`` for the MatMul rule.
@@ -34,37 +33,31 @@ class GaussianBasis:
 
     def __init__(self, second_moment: Callable[[Vector, Vector], torch.Tensor]):
         self._second_moment = second_moment
-        self._atoms: dict[Vector, list[tuple[Vector, LinearMap]]] = {}
+        self._coef: dict[Vector, dict[Vector, torch.Tensor]] = {}
         self._cov: dict[tuple[Vector, Vector], torch.Tensor] = {}
 
-    def atoms(self, g: Vector) -> list[tuple[Vector, LinearMap]]:
-        if g in self._atoms:
-            return self._atoms[g]
+    def coefficients(self, g: Vector) -> dict[Vector, torch.Tensor]:
+        """``{atom: M_{g,atom}}`` with ``M`` of shape ``[|F_g|, |F_atom|]``, in atom order."""
+        if g in self._coef:
+            return self._coef[g]
         ins = g.instruction
         if isinstance(ins, (InitVector, MatMul)):
-            result = [(g, _identity)]
+            result = {g: torch.eye(g.numel, dtype=torch.float64)}
         elif isinstance(ins, LinComb):
-            result = []
+            result: dict[Vector, torch.Tensor] = {}
             shapes = [x.shape for x in ins.xs]
             for k, x in enumerate(ins.xs):
-                for atom, inner in self.atoms(x):
-                    result.append((atom, self._through(ins.fn, shapes, k, inner)))
+                for atom, m in self.coefficients(x).items():
+                    # the columns of m pushed through the k-th slot of the linear map
+                    cols = m.T.reshape(atom.numel, *x.shape)
+                    args = [cols if i == k else torch.zeros(atom.numel, *s, dtype=torch.float64)
+                            for i, s in enumerate(shapes)]
+                    mk = call_full(ins.fn, args, shapes, [], 1).reshape(atom.numel, g.numel).T
+                    result[atom] = result[atom] + mk if atom in result else mk
         else:
             raise TypeError(f"{g.name} is not a Gaussian vector")
-        self._atoms[g] = result
+        self._coef[g] = result
         return result
-
-    @staticmethod
-    def _through(fn, shapes, k: int, inner: LinearMap) -> LinearMap:
-        def mapped(t: torch.Tensor) -> torch.Tensor:
-            u = inner(t)
-            args = [
-                u if i == k else torch.zeros(u.shape[0], *s, dtype=u.dtype)
-                for i, s in enumerate(shapes)
-            ]
-            return call_full(fn, args, shapes, [], 1)
-
-        return mapped
 
     def _atom_cov(self, a: Vector, b: Vector) -> torch.Tensor | None:
         """Cov(Z^a, Z^b) ``[*F_a, *F_b]``, or None when independent."""
@@ -84,16 +77,11 @@ class GaussianBasis:
         if (h, g) in self._cov:
             return self._transpose(self._cov[(h, g)], h.shape, g.shape)
         total = torch.zeros(g.numel, h.numel, dtype=torch.float64)
-        for a, la in self.atoms(g):
-            for b, lb in self.atoms(h):
+        for a, ma in self.coefficients(g).items():
+            for b, mb in self.coefficients(h).items():
                 c = self._atom_cov(a, b)
-                if c is None:
-                    continue
-                c = c.reshape(a.numel, *b.shape)
-                c = lb(c).reshape(a.numel, h.numel)  # map the second group: [|F_a|, |F_h|]
-                c = c.T.reshape(h.numel, *a.shape)
-                c = la(c).reshape(h.numel, g.numel)  # map the first group: [|F_h|, |F_g|]
-                total = total + c.T
+                if c is not None:
+                    total = total + ma @ c.reshape(a.numel, b.numel) @ mb.T
         result = total.reshape(g.shape + h.shape)
         self._cov[key] = result
         return result
