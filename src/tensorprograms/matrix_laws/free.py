@@ -167,20 +167,27 @@ def _residuals(factors, u, zeta_inv):
     return F, J
 
 
-def _newton(factors, u, zeta_inv, steps=60):
+def _newton(factors, u, zeta_inv, steps=50):
+    """Damped Newton per point; points stop once their step is below 1e-15 relative."""
+    u = u.copy()
+    active = np.arange(len(u))
     for _ in range(steps):
-        F, J = _residuals(factors, u, zeta_inv)
+        F, J = _residuals(factors, u[active], zeta_inv[active])
         du = np.linalg.solve(J, F[..., None])[..., 0]
-        # damp steps that would jump far (keeps the branch when continuing along the grid)
-        scale = np.maximum(1.0, np.abs(du).max(axis=1) / (0.5 * (np.abs(u).max(axis=1) + 1e-3)))
-        u = u - du / scale[:, None]
-        if np.abs(F).max() < 1e-13:
+        size = np.abs(u[active]).max(axis=1) + 1e-300
+        # damp steps that would jump far (keeps the branch)
+        scale = np.maximum(1.0, np.abs(du).max(axis=1) / (0.5 * size))
+        u[active] = u[active] - du / scale[:, None]
+        done = np.abs(du).max(axis=1) <= 1e-15 * size
+        active = active[~done]
+        if len(active) == 0:
             break
     return u
 
 
 def _initial(factors, zeta_inv: complex):
-    """A start from the moment series where |ζ| is large (ψ and the w's are small)."""
+    """A start from the first term of the moment series, valid where |ζ| is large
+    (ψ ≈ m_1/ζ and w_l ≈ ψ/m_1(D_l))."""
     disc = [f for f in factors if f.kind == "discrete"]
     psi = zeta_inv * product_moments(factors, 1)[0]
     u = [psi] + [psi / f.moments(1)[0] for f in disc]
@@ -188,38 +195,34 @@ def _initial(factors, zeta_inv: complex):
 
 
 def product_stieltjes(factors: list[Factor], x: np.ndarray, eta: float) -> np.ndarray:
-    """``G(x + iη)`` of the free product at increasing real points x (continued from the
-    largest x downwards, which must lie outside the support)."""
+    """``G(x + iη)`` of the free product at real points x.
+
+    Continuation in the imaginary part, all points at once: at ``η₀`` far above the
+    support every unknown is small and the moment series is a good start; η is then
+    halved level by level down to ``eta``, each level's Newton solve starting from the
+    previous level's solution. Off the real axis G is analytic, so small steps in η keep
+    the physical branch (``Im G < 0``)."""
     x = np.asarray(x, dtype=float)
-    order = np.argsort(-x)
-    G = np.zeros(len(x), dtype=complex)
-    zeta0 = x[order[0]] + 1j * eta
-    u = _newton(factors, _initial(factors, 1 / zeta0), np.array([1 / zeta0]))
-    for i in order:
-        zeta = x[i] + 1j * eta
-        # walk in small steps from the previous point to this one (branch continuity)
-        prev = u
-        u = _newton(factors, prev, np.array([1 / zeta]))
-        psi = u[0, 0]
-        G[i] = (1 + psi) / zeta
-    return G
+    scale = max(norm_bound(factors), float(np.abs(x).max()), 1e-300)
+    eta0 = 4.0 * scale
+    zeta = x + 1j * eta0
+    u = np.repeat(_initial(factors, 1.0), len(x), axis=0)
+    u = u * (1.0 / zeta)[:, None]
+    levels = max(1, int(math.ceil(math.log2(eta0 / eta))))
+    for level in range(levels + 1):
+        e = max(eta0 * 2.0**-level, eta)
+        zeta = x + 1j * e
+        u = _newton(factors, u, 1.0 / zeta)
+    return (1 + u[:, 0]) / zeta
 
 
-def product_density(factors: list[Factor], x: np.ndarray, eta: float | None = None,
-                    top: float | None = None) -> np.ndarray:
+def product_density(factors: list[Factor], x: np.ndarray, eta: float | None = None) -> np.ndarray:
     """Density of the free product's law at the points ``x`` (its absolutely continuous
-    part), solved at every requested point (no interpolation), continued from ``top``
-    (default: above every x and above the support's bound ``Π‖factor‖``) downwards."""
+    part): ``−Im G(x + iη)/π`` with η = 1e-10 × the support's bound."""
     x = np.asarray(x, dtype=float)
-    hi = max(float(x.max()), norm_bound(factors)) * 1.05 + 1e-12
-    top = hi if top is None else top
-    span = top - min(float(x.min()), 0.0)
-    eta = eta if eta is not None else 1e-10 * span
-    # continuation points: a fine path from the top plus the requested points
-    path = np.unique(np.concatenate([np.linspace(min(float(x.min()), top), top, 3000), x]))
-    G = product_stieltjes(factors, path, eta)
-    rho = np.clip(-G.imag / math.pi, 0.0, None)
-    return rho[np.searchsorted(path, x)]
+    eta = eta if eta is not None else 1e-10 * norm_bound(factors)
+    G = product_stieltjes(factors, x, eta)
+    return np.clip(-G.imag / math.pi, 0.0, None)
 
 
 def norm_bound(factors: list[Factor]) -> float:

@@ -36,6 +36,8 @@ from .laws import SpectralLaw, free_product
 
 WEIGHTS = ("auto", "gaussian", "orthogonal")
 _HERMITE_ORDER = 160
+# Gauss–Hermite orders for the cross-check (the engine's defaults leave ~1e-5 on tanh's φ'²)
+_MT_ORDERS = {1: 200, 2: 120, 3: 48}
 
 
 @dataclass
@@ -71,6 +73,10 @@ class JacobianLaw(SpectralLaw):
     node_names: tuple[str, str]
 
 
+def _identity(u: torch.Tensor) -> torch.Tensor:
+    return u
+
+
 def _phi_prime(phi: Callable, h: torch.Tensor) -> torch.Tensor:
     h = h.detach().clone().requires_grad_(True)
     (g,) = torch.autograd.grad(phi(h).sum(), h)
@@ -85,23 +91,28 @@ def hidden_layers(limit) -> list[HiddenLayer]:
     plus independent terms)."""
     P = limit.program
     L = master_theorem(P)
-    users: dict[Vector, list] = {}
-    for ins in P.instructions:
-        for v in ins.inputs:
-            users.setdefault(v, []).append(ins)
     layers: list[HiddenLayer] = []
+    seen: set[Vector] = set()
     for ins in P.instructions:
-        if not (isinstance(ins, Nonlin) and len(ins.xs) == 1 and not ins.params):
+        # a hidden layer's output is what a width × width (or readout) matrix multiplies
+        if not (isinstance(ins, MatMul) and not ins.transpose) or ins.x in seen:
             continue
-        if not any(isinstance(u, MatMul) and not u.transpose for u in users.get(ins.out, [])):
-            continue
-        h = ins.xs[0]
-        if not (ins.elementwise and h.is_gaussian and h.shape == (1,)):
-            raise ValueError(
-                f"jacobian_spectrum: the hidden vector {ins.out.name} is not an elementwise "
-                "activation of one preactivation at one input; the Jacobian law is implemented "
-                "for MLPs (Linear layers and elementwise activations) at a single input x."
-            )
+        out = ins.x
+        seen.add(out)
+        if out.is_gaussian:  # no activation (a linear layer): φ = identity, h = the vector itself
+            h, phi = out, _identity
+        else:
+            act = out.instruction
+            if not (isinstance(act, Nonlin) and len(act.xs) == 1 and not act.params
+                    and act.elementwise and act.xs[0].is_gaussian):
+                raise ValueError(
+                    f"jacobian_spectrum: the hidden vector {out.name} is not an elementwise "
+                    "activation of one preactivation; the Jacobian law is implemented for MLPs "
+                    "(Linear layers and elementwise activations)."
+                )
+            h, phi = act.xs[0], act.fn
+        if h.shape != (1,):
+            raise ValueError(f"jacobian_spectrum: {h.name} has finite shape {h.shape}; expected one input")
         coefs = L.coefficients(h)
         matmuls = [(a, m) for a, m in coefs.items() if isinstance(a.instruction, MatMul)]
         q = float(L.second_moment(h).reshape(()))
@@ -124,8 +135,7 @@ def hidden_layers(limit) -> list[HiddenLayer]:
             sigma2 = float(matrix.variance)
             rest = q - coef**2 * float(L.second_moment(atom).reshape(()))
             dist = limit.inits[weight].distribution if weight in limit.inits else "normal"
-        layers.append(HiddenLayer(h, ins.out, ins.fn, weight, matrix, coef, sigma2, q,
-                                  max(rest, 0.0), dist))
+        layers.append(HiddenLayer(h, out, phi, weight, matrix, coef, sigma2, q, max(rest, 0.0), dist))
     if len(layers) < 2:
         raise ValueError(
             f"jacobian_spectrum: found {len(layers)} hidden layer(s); a hidden-to-hidden Jacobian "
@@ -232,36 +242,48 @@ def _one_input(x) -> torch.Tensor:
     return x.to(torch.float64)
 
 
-def master_theorem_moments(law: JacobianLaw, order: int) -> np.ndarray:
-    """``[m_1, …, m_order]`` of ``JᵀJ`` by the Master Theorem on a Netsor⊤ program: the
+def master_theorem_moments(
+    law: JacobianLaw, order: int, mc_samples: int = 2**16, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``([m_1, …, m_order], stderr)`` of ``JᵀJ`` by the Master Theorem on a Netsor⊤ program: the
     forward pass from ``h_start`` (Gaussian of variance ``q_start``) through the same W's,
     and ``(JᵀJ)^k v`` for an independent vector v. Gaussian weights only (the program's
     matrices are iid Gaussian). No freeness is assumed: TP IV's Ż terms would carry any
-    correlation between the D's and the W's."""
+    correlation between the D's and the W's.
+
+    The standard errors are those the engine reports for its Monte Carlo expectations
+    (later moments need expectations over more than three Gaussians); they are not
+    propagated through the Ż coefficients, so they understate the error at high order."""
     if any(k != "gaussian" for k in law.weights):
         raise ValueError("master_theorem_moments builds Gaussian matrices; the law has orthogonal "
                          "weights (their moments are exact from the free product).")
     P = Program()
     layers = law.layers[law.start : law.end + 1]
     h = P.vector("h0", variance=layers[0].q)
-    x = P.nonlin(layers[0].phi, h, name="x0")
-    ds, Ws, coefs = [], [], []
+    x = h if layers[0].phi is _identity else P.nonlin(layers[0].phi, h, name="x0")
+    ds, d2, Ws, coefs = [], None, [], []
     for i, ly in enumerate(layers[1:], 1):
         W = P.matrix(f"W{i}", variance=ly.sigma2)
         g = P.lincomb([ly.coef], [W @ x])
         if ly.rest > 0:
             g = P.lincomb([1.0, 1.0], [g, P.vector(f"b{i}", variance=ly.rest)])
         ds.append(P.nonlin(lambda u, _f=ly.phi: _phi_prime(_f, u), g, name=f"d{i}"))
-        x = P.nonlin(ly.phi, g, name=f"x{i}")
+        if i == len(layers) - 1:  # JᵀJ meets D_e twice: one H-var D_e² keeps expectations low-dimensional
+            d2 = P.nonlin(lambda u, _f=ly.phi: _phi_prime(_f, u) ** 2, g, name=f"d{i}sq")
+        x = g if ly.phi is _identity else P.nonlin(ly.phi, g, name=f"x{i}")
         Ws.append(W)
         coefs.append(ly.coef)
     v = P.vector("v")
     powers, y = [], v
+    last = len(Ws) - 1
     for _ in range(order):
-        for W, d, c in zip(Ws, ds, coefs):
-            y = P.nonlin(F.product, d, P.lincomb([c], [W @ y]))
-        for W, d, c in zip(reversed(Ws), reversed(ds), reversed(coefs)):
-            y = P.lincomb([c], [W.T @ P.nonlin(F.product, d, y)])
+        for i, (W, c) in enumerate(zip(Ws, coefs)):
+            y = P.nonlin(F.product, d2 if i == last else ds[i], P.lincomb([c], [W @ y]))
+        for i in range(last, -1, -1):
+            u = y if i == last else P.nonlin(F.product, ds[i], y)
+            y = P.lincomb([coefs[i]], [Ws[i].T @ u])
         powers.append(y)
-    L = master_theorem(P)
-    return np.array([float(L.second_moment(v, p)) for p in powers])
+    L = master_theorem(P, mc_samples=mc_samples, seed=seed, quadrature_orders=_MT_ORDERS)
+    values = np.array([float(L.second_moment(v, p)) for p in powers])
+    stderr = np.array([float(L.stderr(v, p)) for p in powers])
+    return values, stderr

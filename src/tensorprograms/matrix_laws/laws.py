@@ -18,7 +18,7 @@ from . import free
 
 # Grid sizes for locating support edges: a coarse scan, then a refinement of the
 # bracketing cells (relative resolution ≈ 1/(_SCAN·_REFINE)).
-_SCAN, _REFINE = 4000, 2000
+_SCAN, _REFINE = 1000, 1000
 
 
 class SpectralLaw:
