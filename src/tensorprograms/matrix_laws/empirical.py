@@ -20,6 +20,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from ..factory import build
+from ..frontend.capture import _export
 from .jacobian import JacobianLaw, _one_input, jacobian_spectrum
 from .laws import SpectralLaw
 
@@ -39,6 +40,13 @@ class EmpiricalSpectrum:
     eigenvalues: np.ndarray
 
     @property
+    def floor(self) -> float:
+        """The rounding level of the eigenvalues, ``64·eps·n·λ_max``: below it an
+        eigenvalue of JJᵀ is not resolved (ReLU's exact zeros come out ~1e-15, and laws
+        with mass near 0, e.g. erf at large σ_w², have eigenvalues ~1e-20)."""
+        return _ROUNDING * self.width * float(self.eigenvalues.max())
+
+    @property
     def seeds(self) -> int:
         return self.eigenvalues.shape[0]
 
@@ -49,11 +57,15 @@ class EmpiricalSpectrum:
         return float(per_seed.mean()), float(se)
 
     def ks(self, law: SpectralLaw) -> float:
-        """Kolmogorov–Smirnov distance between the pooled eigenvalues and ``law``."""
-        lam = np.sort(self.eigenvalues.reshape(-1))
+        """Kolmogorov–Smirnov distance between the pooled eigenvalues and ``law``, censored
+        at :attr:`floor`: eigenvalues below it count as "≤ floor", and both CDFs are
+        compared at the floor and above (the law's own atom at 0 included in F(floor))."""
+        floor = self.floor
+        lam = np.sort(np.maximum(self.eigenvalues.reshape(-1), floor))
         m = len(lam)
         F = law.cdf(lam)  # F(λ), the atom included where λ is at it
         F_left = F - law.atom[1] * (lam == law.atom[0])  # F(λ⁻)
+        F_left = np.where(lam == floor, 0.0, F_left)  # the censored block starts at 0
         upper = np.searchsorted(lam, lam, side="right") / m  # F_n(λ), ties counted
         lower = np.searchsorted(lam, lam, side="left") / m  # F_n(λ⁻)
         return float(max(np.abs(upper - F).max(), np.abs(lower - F_left).max()))
@@ -134,8 +146,7 @@ def empirical(
     bar = tqdm(total=len(widths) * seeds, desc="Jacobian spectra", disable=not progress)
     for n in widths:
         model = build(factory, n, seed).to(torch.float64).eval()
-        ep = torch.export.export(model, (x,))
-        gm = ep.module()
+        gm = _export(model, (x,)).module()  # core ATen, as the frontend lowered it (same node names)
         start_name, end_name = law.node_names
         rows = []
         for s in range(seeds):
@@ -145,10 +156,7 @@ def empirical(
             J = J.detach()
             # eigenvalues of JJᵀ (a symmetric eigenproblem: several times faster than an SVD;
             # absolute error ~n·eps·‖J‖²)
-            lam = torch.linalg.eigvalsh(J @ J.T).numpy()
-            # eigenvalues within rounding of 0 are 0 (ReLU's exact kernel comes out ±1e-15)
-            lam[lam <= _ROUNDING * n * lam.max()] = 0.0
-            rows.append(lam)
+            rows.append(torch.linalg.eigvalsh(J @ J.T).clamp_min(0.0).numpy())
             bar.update()
         out.append(EmpiricalSpectrum(n, np.stack(rows)))
     bar.close()

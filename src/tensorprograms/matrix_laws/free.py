@@ -173,7 +173,11 @@ def _newton(factors, u, zeta_inv, steps=50):
     active = np.arange(len(u))
     for _ in range(steps):
         F, J = _residuals(factors, u[active], zeta_inv[active])
-        du = np.linalg.solve(J, F[..., None])[..., 0]
+        try:
+            du = np.linalg.solve(J, F[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a point where the system degenerates (x → 0 at an atom)
+            du = (np.linalg.pinv(J) @ F[..., None])[..., 0]
+        du = np.nan_to_num(du)
         size = np.abs(u[active]).max(axis=1) + 1e-300
         # damp steps that would jump far (keeps the branch)
         scale = np.maximum(1.0, np.abs(du).max(axis=1) / (0.5 * size))
@@ -194,7 +198,7 @@ def _initial(factors, zeta_inv: complex):
     return np.array(u, dtype=complex)[None, :]
 
 
-def product_stieltjes(factors: list[Factor], x: np.ndarray, eta: float) -> np.ndarray:
+def product_stieltjes(factors: list[Factor], x: np.ndarray, eta) -> np.ndarray:
     """``G(x + iη)`` of the free product at real points x.
 
     Continuation in the imaginary part, all points at once: at ``η₀`` far above the
@@ -208,9 +212,10 @@ def product_stieltjes(factors: list[Factor], x: np.ndarray, eta: float) -> np.nd
     zeta = x + 1j * eta0
     u = np.repeat(_initial(factors, 1.0), len(x), axis=0)
     u = u * (1.0 / zeta)[:, None]
-    levels = max(1, int(math.ceil(math.log2(eta0 / eta))))
+    eta = np.broadcast_to(np.asarray(eta, dtype=float), x.shape)
+    levels = max(1, int(math.ceil(math.log2(eta0 / float(eta.min())))))
     for level in range(levels + 1):
-        e = max(eta0 * 2.0**-level, eta)
+        e = np.maximum(eta0 * 2.0**-level, eta)
         zeta = x + 1j * e
         u = _newton(factors, u, 1.0 / zeta)
     return (1 + u[:, 0]) / zeta
@@ -218,9 +223,11 @@ def product_stieltjes(factors: list[Factor], x: np.ndarray, eta: float) -> np.nd
 
 def product_density(factors: list[Factor], x: np.ndarray, eta: float | None = None) -> np.ndarray:
     """Density of the free product's law at the points ``x`` (its absolutely continuous
-    part): ``−Im G(x + iη)/π`` with η = 1e-10 × the support's bound."""
+    part): ``−Im G(x + iη)/π`` with η = 1e-10 × the support's bound, and at most 1e-6·x
+    (so the density of laws singular at 0 is resolved down to tiny x)."""
     x = np.asarray(x, dtype=float)
-    eta = eta if eta is not None else 1e-10 * norm_bound(factors)
+    if eta is None:
+        eta = np.minimum(1e-10 * norm_bound(factors), 1e-6 * np.abs(x) + 1e-300)
     G = product_stieltjes(factors, x, eta)
     return np.clip(-G.imag / math.pi, 0.0, None)
 

@@ -35,7 +35,7 @@ from . import free
 from .laws import SpectralLaw, free_product
 
 WEIGHTS = ("auto", "gaussian", "orthogonal")
-_HERMITE_ORDER = 160
+_HERMITE_ORDER = 100
 # Gauss–Hermite orders for the cross-check (the engine's defaults leave ~1e-5 on tanh's φ'²)
 _MT_ORDERS = {1: 200, 2: 120, 3: 48}
 

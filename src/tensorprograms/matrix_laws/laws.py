@@ -82,20 +82,32 @@ class SpectralLaw:
         lo, hi = self.support()
         return lo + (hi - lo) * (np.arange(num) + 0.5) / num
 
-    def cdf(self, x, num: int = 4000) -> np.ndarray:
+    def cdf(self, x, num: int = 3000) -> np.ndarray:
         """``μ((-∞, x])`` at the points ``x``: the atom plus ``1 − atom − ∫_x^{hi} ρ``.
 
-        Integrated from the top edge down (trapezoid rule on a grid refined cubically
-        towards the lower edge), so the integrable singularity many laws have at 0 (MP at
-        ratio 1: x^(-1/2)) costs accuracy only within the first grid cell."""
+        Integrated from the top edge down (trapezoid rule), so an integrable singularity
+        at the lower edge costs accuracy only below the grid. When the continuous part
+        reaches 0 (a hard edge, where products of Gaussian matrices and of D²'s with mass
+        near 0 have ``ρ ~ C x^(−α)``), the grid is geometric down to ``1e-20·hi`` and the
+        mass below it is the power law fitted to the two lowest points."""
         x = np.asarray(x, dtype=float)
         lo, hi = self.support()
-        t = lo + (hi - lo) * np.linspace(0.0, 1.0, num) ** 3
-        rho = self.density(t[1:])
-        rho = np.concatenate([[rho[0]], rho])
+        if lo > 0 or hi == lo:
+            t = lo + (hi - lo) * np.linspace(0.0, 1.0, num) ** 2
+            below = 0.0
+        else:
+            t = np.unique(np.concatenate([np.geomspace(1e-20 * hi, 1e-3 * hi, num // 3),
+                                          np.linspace(1e-3 * hi, hi, num)]))
+        rho = self.density(t)
+        if lo <= 0 < hi:
+            alpha = -math.log(max(rho[1], 1e-300) / max(rho[0], 1e-300)) / math.log(t[1] / t[0])
+            below = rho[0] * t[0] / (1 - alpha) if alpha < 1 else 0.0
         seg = (rho[1:] + rho[:-1]) / 2 * np.diff(t)
         above = np.concatenate([np.cumsum(seg[::-1])[::-1], [0.0]])  # ∫_{t_i}^{hi} ρ
         cont = np.clip((1.0 - self.atom[1]) - above, 0.0, None)
+        if hi > lo:
+            t = np.concatenate([[lo], t]) if t[0] > lo else t
+            cont = np.concatenate([[max(cont[0] - below, 0.0)], cont]) if len(cont) < len(t) else cont
         out = np.interp(x, t, cont, left=0.0, right=1.0 - self.atom[1])
         return out + self.atom[1] * (x >= self.atom[0])
 
