@@ -7,7 +7,7 @@
 >>> limit = tp.master_theorem(P)
 """
 
-from . import empirical, frontend, functions, master, mup, parametrization, program
+from . import empirical, frontend, functions, master, matrix_laws, mup, parametrization, program
 from .errors import ExpectationError, ProgramError, UnsupportedOperation, WidthError
 from .frontend import InfiniteWidthLimit, infinite_width
 from .master import ProgramLimit, master_theorem
@@ -33,6 +33,7 @@ __all__ = [
     "functions",
     "master",
     "master_theorem",
+    "matrix_laws",
     "mup",
     "parametrization",
     "program",

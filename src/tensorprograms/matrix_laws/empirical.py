@@ -164,12 +164,14 @@ def empirical(
 
 
 def plot_spectrum(law: SpectralLaw, spectra: Sequence[EmpiricalSpectrum], path: str | None = None,
-                  bins: int = 60, title: str | None = None):
+                  bins: int = 60, title: str | None = None, log: bool = True):
     """The limit density over the finite-width histograms (one panel per width).
 
-    The atom at 0 (ReLU) is left out of both: the histograms show the eigenvalues above
-    1e-10·max, scaled to the fraction of eigenvalues they hold. Needs matplotlib (the
-    optional extra ``plot``). Returns the figure; saved to ``path`` if given."""
+    ``log=True`` (default; Jacobian laws spread over decades) shows the density of
+    ``log10 λ``, ``ln(10)·λ·ρ(λ)``, over histograms of ``log10 λ``; ``log=False`` shows ρ(λ).
+    An atom (ReLU's mass at 0) is left out of both: histograms count the eigenvalues above
+    the rounding floor and are scaled to the fraction of all eigenvalues they hold. Needs
+    matplotlib (the optional extra ``plot``). Returns the figure; saved to ``path`` if given."""
     try:
         import matplotlib
 
@@ -179,19 +181,28 @@ def plot_spectrum(law: SpectralLaw, spectra: Sequence[EmpiricalSpectrum], path: 
         raise ImportError("plot_spectrum needs matplotlib: pip install 'tensorprograms[plot]'") from exc
     fig, axes = plt.subplots(1, len(spectra), figsize=(4 * len(spectra), 3.4), squeeze=False)
     lo, hi = law.support()
-    grid = np.linspace(lo, hi, 600)[1:-1]
-    rho = law.density(grid)
     for ax, sp in zip(axes[0], spectra):
         lam = sp.eigenvalues.reshape(-1)
-        keep = lam[lam > 1e-10 * lam.max()]
-        counts, edges = np.histogram(keep, bins=bins, range=(min(lo, keep.min()), max(hi, keep.max())))
+        keep = lam[lam > max(sp.floor, 1e-300)]
+        if log:
+            values = np.log10(keep)
+            grid_u = np.linspace(max(values.min(), np.log10(hi) - 16), np.log10(hi), 600)[:-1]
+            grid_x = 10**grid_u
+            curve = np.log(10) * grid_x * law.density(grid_x)
+            label_x = "log10 squared singular value"
+        else:
+            values = keep
+            grid_u = grid_x = np.linspace(lo, hi, 600)[1:-1]
+            curve = law.density(grid_x)
+            label_x = "squared singular value"
+        counts, edges = np.histogram(values, bins=bins)
         widths = np.diff(edges)
-        ax.bar(edges[:-1], counts / (len(lam) * widths), width=widths, align="edge", alpha=0.45,
+        heights = counts / (len(lam) * widths)
+        ax.bar(edges[:-1], heights, width=widths, align="edge", alpha=0.45,
                label=f"n = {sp.width}, {sp.seeds} nets")
-        ax.plot(grid, rho, "k", lw=1.5, label="limit")
-        ax.set_xlabel("squared singular value")
-        ax.set_ylim(0, 1.15 * max(rho.max(), (counts / (len(lam) * widths)).max()))
-        ax.set_yscale("linear")
+        ax.plot(grid_u, curve, "k", lw=1.5, label="limit")
+        ax.set_xlabel(label_x)
+        ax.set_ylim(0, 1.15 * max(curve.max(), heights.max()))
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("density")
     fig.suptitle(title or law.name)

@@ -214,10 +214,16 @@ def product_stieltjes(factors: list[Factor], x: np.ndarray, eta) -> np.ndarray:
     u = u * (1.0 / zeta)[:, None]
     eta = np.broadcast_to(np.asarray(eta, dtype=float), x.shape)
     levels = max(1, int(math.ceil(math.log2(eta0 / float(eta.min())))))
+    e_prev = np.full(x.shape, np.inf)
     for level in range(levels + 1):
         e = np.maximum(eta0 * 2.0**-level, eta)
-        zeta = x + 1j * e
-        u = _newton(factors, u, 1.0 / zeta)
+        moving = e < e_prev  # points already at their own η are done
+        if level > 0 and not moving.any():
+            break
+        idx = np.nonzero(moving)[0] if level > 0 else np.arange(len(x))
+        u[idx] = _newton(factors, u[idx], 1.0 / (x[idx] + 1j * e[idx]))
+        e_prev = e
+    zeta = x + 1j * e_prev
     return (1 + u[:, 0]) / zeta
 
 

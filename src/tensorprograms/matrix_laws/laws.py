@@ -82,7 +82,7 @@ class SpectralLaw:
         lo, hi = self.support()
         return lo + (hi - lo) * (np.arange(num) + 0.5) / num
 
-    def cdf(self, x, num: int = 3000) -> np.ndarray:
+    def cdf(self, x, num: int = 1500) -> np.ndarray:
         """``μ((-∞, x])`` at the points ``x``: the atom plus ``1 − atom − ∫_x^{hi} ρ``.
 
         Integrated from the top edge down (trapezoid rule), so an integrable singularity
@@ -91,6 +91,13 @@ class SpectralLaw:
         near 0 have ``ρ ~ C x^(−α)``), the grid is geometric down to ``1e-20·hi`` and the
         mass below it is the power law fitted to the two lowest points."""
         x = np.asarray(x, dtype=float)
+        if getattr(self, "_cdf_table", None) is None or self._cdf_table[0] != num:
+            self._cdf_table = (num, *self._cdf_grid(num))
+        _, t, cont = self._cdf_table
+        out = np.interp(x, t, cont, left=0.0, right=1.0 - self.atom[1])
+        return out + self.atom[1] * (x >= self.atom[0])
+
+    def _cdf_grid(self, num: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.support()
         if lo > 0 or hi == lo:
             t = lo + (hi - lo) * np.linspace(0.0, 1.0, num) ** 2
@@ -108,8 +115,7 @@ class SpectralLaw:
         if hi > lo:
             t = np.concatenate([[lo], t]) if t[0] > lo else t
             cont = np.concatenate([[max(cont[0] - below, 0.0)], cont]) if len(cont) < len(t) else cont
-        out = np.interp(x, t, cont, left=0.0, right=1.0 - self.atom[1])
-        return out + self.atom[1] * (x >= self.atom[0])
+        return t, cont
 
 
 def _locate_edges(density, bound) -> tuple[float, float]:
