@@ -35,6 +35,7 @@ def _check_against_finite_width(act, depth, sw2, widths, seeds):
     law = ml.jacobian_spectrum(factory, x)
     spectra = ml.empirical(factory, x, widths, seeds=seeds, law=law, progress=False)
     ks = [sp.ks(law) for sp in spectra]
+    print(f"{act} depth {depth} σ_w²={sw2}: widths {widths} KS {[round(k, 5) for k in ks]}")
     assert all(b < a for a, b in zip(ks, ks[1:])), ks
     big = spectra[-1]
     for k in range(1, 5):
