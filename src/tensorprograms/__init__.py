@@ -7,7 +7,17 @@
 >>> limit = tp.master_theorem(P)
 """
 
-from . import empirical, feature_learning, frontend, functions, master, mup, parametrization, program
+from . import (
+    empirical,
+    feature_learning,
+    frontend,
+    functions,
+    master,
+    matrix_laws,
+    mup,
+    parametrization,
+    program,
+)
 from .blocked import kernel_matrix
 from .errors import ExpectationError, ProgramError, UnsupportedOperation, WidthError
 from .frontend import InfiniteWidthLimit, infinite_width
@@ -36,6 +46,7 @@ __all__ = [
     "functions",
     "master",
     "master_theorem",
+    "matrix_laws",
     "mup",
     "parametrization",
     "program",

@@ -173,6 +173,15 @@ class ProgramLimit:
         self._own(y, Vector, "vector")
         return self._second(x, y).value
 
+    def coefficients(self, g: Vector) -> dict[Vector, torch.Tensor]:
+        """A Gaussian vector as ``Σ_a M_a Z^a`` over its atoms (initial vectors and MatMul
+        outputs): ``{atom: M_a}`` with ``M_a`` of shape ``[|F_g|, |F_a|]``."""
+        g = self._map(g)
+        self._own(g, Vector, "vector")
+        if not g.is_gaussian:
+            raise ProgramError(f"{g.name} is not a G-var or initial vector; it has no atom coefficients.")
+        return dict(self._basis.coefficients(g))
+
     def mean(self, x: Vector) -> torch.Tensor:
         """``E[Z^x]``, shape ``[*F_x]`` (zero for G-vars)."""
         x = self._map(x)

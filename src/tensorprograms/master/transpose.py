@@ -11,10 +11,11 @@ covariances of the Netsor rule, the forward and transposed ones independent.
 This module turns a Netsor⊤ program P into a Netsor program Q with the same limit:
 each ``W @ x`` becomes a MatMul by a forward copy of W (its Ẑ) plus the linear correction
 Ż, each ``W.T @ u`` a MatMul by an independent backward copy plus its Ż. The
-coefficients ``E[∂Z^x/∂Ẑ]`` come from Stein's lemma on the Gaussian atoms A that ``Z^x``
-depends on, ``E[∇_A Z^x] = Cov(A)⁺ E[A Z^x]``, with ``E[A Z^x]`` from the engine's own
-expectation backends: exact Gram computations for linear programs, quadrature or Monte
-Carlo otherwise.
+coefficients ``E[∂Z^x/∂Ẑ]`` come from the chain rule through the G-vars x's Nonlins read
+(exact coefficient matrices) and Stein's lemma on those G-vars only,
+``E[∇_G Z^x] = Cov(G)⁺ E[G Z^x]``, with ``E[G Z^x]`` from the engine's own expectation
+backends: linear programs need no expectation at all (exact to rounding at any order),
+nonlinear ones use closed forms, quadrature or Monte Carlo.
 """
 
 from __future__ import annotations
@@ -31,42 +32,37 @@ from ..program.variables import Matrix, Scalar, Var, Vector
 _ZERO = 1e-13
 
 
-def _atoms(Q: Program, v: Vector) -> list[Vector]:
-    """Initial vectors and MatMul outputs of Q that v depends on, in program order."""
-    seen: set[int] = set()
-    stack = [v]
-    while stack:
-        u = stack.pop()
-        if u.index in seen:
-            continue
-        seen.add(u.index)
-        stack.extend(w for w in u.instruction.inputs if isinstance(w, (Vector, Scalar)))
-    out = []
-    for i in sorted(seen):
-        ins = Q.instructions[i]
-        if isinstance(ins, (InitVector, MatMul)):
-            out.append(ins.out)
-    return out
-
-
-def stein_gradient(limit, Q: Program, x: Vector, atom: Vector) -> torch.Tensor:
+def stein_gradient(limit, x: Vector, atom: Vector) -> torch.Tensor:
     """``E[∂Z^x_a / ∂Z^{atom}_b]`` as a ``[|F_x|, |F_atom|]`` matrix (zero if x does not depend
-    on the atom), by Stein's lemma over all Gaussian atoms x depends on."""
-    atoms = _atoms(Q, x)
-    if atom not in atoms:
-        return torch.zeros(x.numel, atom.numel, dtype=torch.float64)
+    on the atom).
+
+    The chain rule through the G-vars ``G_j`` that x's Nonlins read (its factor's leaves):
+    ``∂Z^x/∂Z^{atom} = Σ_j ∂Z^x/∂Z^{G_j} · M_{G_j, atom}`` with ``M`` the exact coefficient
+    matrices of the Gaussian basis. A Gaussian x is its own leaf (the gradient is its
+    coefficient, no expectation at all), so linear programs stay exact Gram computations
+    at every order. For a nonlinear x only ``E[∂Z^x/∂Z^G]`` needs Stein's lemma,
+    ``Cov(G)⁺ E[G Z^x]``, over the few leaves x reads, not over every atom of the program
+    (whose Krylov-type Gram matrices are ill-conditioned and would cost digits).
+    """
     basis = limit._basis
-    sigma = torch.cat(
-        [torch.cat([basis.cov(a, b).reshape(a.numel, b.numel) for b in atoms], 1) for a in atoms], 0
-    )
-    cross = torch.cat([limit.second_moment(a, x).reshape(a.numel, x.numel) for a in atoms], 0)
+    if x.is_gaussian:
+        m = basis.coefficients(x).get(atom)
+        return torch.zeros(x.numel, atom.numel, dtype=torch.float64) if m is None else m
+    leaves = [g for g in limit._joint_factor(x).leaves if atom in basis.coefficients(g)]
+    if not leaves:
+        return torch.zeros(x.numel, atom.numel, dtype=torch.float64)
+    all_leaves = limit._joint_factor(x).leaves
+    sigma = basis.joint_cov(all_leaves)
+    cross = torch.cat([limit.second_moment(g, x).reshape(g.numel, x.numel) for g in all_leaves], 0)
     grad = torch.linalg.pinv(sigma, hermitian=True, rtol=1e-12) @ cross  # [D, |F_x|]
+    total = torch.zeros(x.numel, atom.numel, dtype=torch.float64)
     start = 0
-    for a in atoms:
-        if a is atom:
-            return grad[start:start + a.numel].T
-        start += a.numel
-    raise AssertionError("unreachable")
+    for g in all_leaves:
+        m = basis.coefficients(g).get(atom)
+        if m is not None:
+            total = total + grad[start:start + g.numel].T @ m
+        start += g.numel
+    return total
 
 
 def _correction(kappas: list[torch.Tensor], shapes: list[tuple[int, ...]], out_shape) -> Callable:
@@ -124,7 +120,7 @@ def to_netsor(P: Program, limit_factory) -> tuple[Program, dict[Var, Var], objec
             for transposed, hat, u in hats[W]:
                 if transposed == ins.transpose or independent:
                     continue
-                k = scale * stein_gradient(limit, Q, x, hat)
+                k = scale * stein_gradient(limit, x, hat)
                 if k.abs().max() > _ZERO * max(1.0, float(k.detach().abs().max())) and k.abs().max() > _ZERO:
                     kappas.append(k)
                     us.append(u)
