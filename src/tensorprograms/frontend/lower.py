@@ -21,11 +21,13 @@ from ..program import functions as F
 from ..program.program import Program
 from ..program.variables import Scalar
 from .capture import Captured, source_line
-from .values import Concat, Data, Merged, Param, ParamT, Sca, Tuple_, Vec
+from .values import Concat, Data, Merged, NodeView, Param, ParamT, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
 Rule = Callable[["Lowering", fx.Node, list[Any]], Any]
 RULES: dict[Any, Rule] = {}
+# ops whose rules accept a width concatenation (``Concat``); others raise a clear error
+CONCAT_OPS: set[Any] = {aten.addmm.default, aten.mm.default}
 
 
 def rule(*ops):
@@ -90,7 +92,9 @@ class Lowering:
     def unsupported(self, why: str) -> UnsupportedOperation:
         return UnsupportedOperation(f"{self.where()}: {why}")
 
-    def width_axis(self, node: fx.Node) -> int | None:
+    def width_axis(self, node: fx.Node | NodeView) -> int | None:
+        if isinstance(node, NodeView):
+            return node.axis
         dims = self.c.dims.get(node.name)
         if dims is None or not dims.width_axes:
             return None
@@ -101,7 +105,9 @@ class Lowering:
             )
         return dims.width_axes[0]
 
-    def shape(self, node: fx.Node) -> tuple[int, ...]:
+    def shape(self, node: fx.Node | NodeView) -> tuple[int, ...]:
+        if isinstance(node, NodeView):
+            return node.shape
         return self.c.dims[node.name].small
 
     def init_variance(self, p: Param) -> tuple[float, float]:
@@ -160,9 +166,7 @@ class Lowering:
         if all(not isinstance(a, abstract) for a in _flat(args, kwargs)):
             # finite and deterministic: evaluate it (input preprocessing, constants)
             return _fold(op, args, kwargs)
-        if any(isinstance(a, Concat) for a in _flat(args, kwargs)) and op not in (
-            aten.addmm.default, aten.mm.default
-        ):
+        if any(isinstance(a, Concat) for a in _flat(args, kwargs)) and op not in CONCAT_OPS:
             raise self.unsupported(
                 "only a linear layer may follow a concatenation along the width; apply "
                 "elementwise functions to the pieces before concatenating."
