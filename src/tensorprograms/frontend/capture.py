@@ -92,7 +92,7 @@ def capture(
     models = []
     for w in widths:
         models.append(build(factory, w, 0).eval().double())
-    inputs = tuple(x.double() for x in inputs)
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)  # token ids stay integer
     eps = [_export(m, inputs) for m in models]
     n1 = [n for n in eps[0].graph.nodes]
     n2 = [n for n in eps[1].graph.nodes]

@@ -503,12 +503,18 @@ def _add(low: Lowering, node, args, **kwargs):
         if not v.is_gaussian:
             raise low.unsupported(f"adds the bias {b.name} to a nonlinear function of activations")
         return Vec(low.program.lincomb([1.0, sign], [v, bias]), shape, a.axis)
-    if isinstance(a, Vec) and _is_zero(b) and tuple(a.shape) == shape:
-        return a
-    if node.target == aten.add.Tensor and isinstance(b, Vec) and _is_zero(a) and tuple(b.shape) == shape \
-            and float(alpha) == 1.0:
-        return b
+    if isinstance(a, Vec) and _is_zero(b):
+        return _broadcast_to(low, node, a, shape)
+    if node.target == aten.add.Tensor and isinstance(b, Vec) and _is_zero(a) and float(alpha) == 1.0:
+        return _broadcast_to(low, node, b, shape)
     return pointwise(low, node, _constant_width(low, node, args), kwargs)
+
+
+def _broadcast_to(low: Lowering, node, v: Vec, shape) -> Vec:
+    """``v + 0`` where the zero has more (leading) dims: ``v`` expanded to the result's shape."""
+    if tuple(v.shape) == tuple(shape):
+        return v
+    return lower._reshape_vec(low, node, v, lambda t: t.expand(shape))
 
 
 @rule(aten.mul.Tensor)
