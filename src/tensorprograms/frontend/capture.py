@@ -17,6 +17,7 @@ from torch import fx
 
 from ..errors import WidthError
 from ..factory import build
+from .module_checks import check_recurrent_modules
 
 
 @dataclass
@@ -92,6 +93,7 @@ def capture(
     models = []
     for w in widths:
         models.append(build(factory, w, 0).eval().double())
+        check_recurrent_modules(models[-1])
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)  # token ids stay integer
     eps = [_export(m, inputs) for m in models]
     n1 = [n for n in eps[0].graph.nodes]

@@ -523,3 +523,4 @@ def _mul(low: Lowering, node, args, **kwargs):
     if any(_is_zero(a) for a in args[:2]) and node.name in low.c.dims:
         return Data(torch.zeros(low.shape(node), dtype=torch.float64))
     return pointwise(low, node, _constant_width(low, node, args), kwargs)
+
