@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from ..errors import WidthError
-from ..factory import build
+from ..factory import build, eval_mode
 from .module_checks import check_recurrent_modules
 
 
@@ -72,6 +72,9 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations
+            # nn.RNN/GRU/LSTM re-assign their flat weight list while exported: harmless here
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights",
+                                    category=UserWarning)
             ep = torch.export.export(model, inputs, strict=False)
             return ep.run_decompositions()
     except Exception as exc:  # noqa: BLE001 - re-raised with a hint
@@ -92,7 +95,7 @@ def capture(
     w1, w2 = widths
     models = []
     for w in widths:
-        models.append(build(factory, w, 0).eval().double())
+        models.append(eval_mode(build(factory, w, 0)).double())
         check_recurrent_modules(models[-1])
     inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)  # token ids stay integer
     eps = [_export(m, inputs) for m in models]

@@ -148,7 +148,10 @@ class Lowering:
                 self.env[node.name] = self._apply(node, args, kwargs)
             elif node.op == "output":
                 outs = self._resolve(node.args[0])
-                out = outs[0] if isinstance(outs, (list, tuple)) else outs
+                # the first user output (buffer mutations, e.g. BatchNorm's running stats, come first)
+                kinds = [spec.kind.name for spec in self.c.program.graph_signature.output_specs]
+                first = kinds.index("USER_OUTPUT") if "USER_OUTPUT" in kinds else 0
+                out = outs[first] if isinstance(outs, (list, tuple)) else outs
             elif node.op == "get_attr":
                 raise self.unsupported("graph attributes (get_attr) are not supported")
         return out

@@ -333,7 +333,7 @@ _shape_op0 = lower.RULES[aten.view.default]
 
 @rule(aten.expand.default, aten.view.default, aten._unsafe_view.default)
 def _param_shape_op(low: Lowering, node, args, **kwargs):
-    """Shape op on finite dims; ``W.T`` expanded over a batch dim (a ``bmm`` operand)."""
+    """Shape op on finite dims (a gather; flatten before a readout); ``W.T`` expanded for ``bmm``."""
     x = args[0]
     if isinstance(x, (ParamT, ParamTB)):
         W = x.param
@@ -417,8 +417,9 @@ _cat0 = lower.RULES[aten.cat.default]
 
 @rule(aten.cat.default)
 def _cat(low: Lowering, node, args, dim=0):
-    """Concatenation along the width (blocks feeding a linear layer) or along finite dims
-    (outputs over time): a LinComb of G-vars, else a Nonlin mixing finite indices."""
+    """Concatenation along the width (blocks of a linear layer's input) or finite dims (time).
+
+    Along finite dims: a LinComb of G-vars, else a linear Nonlin mixing finite indices."""
     tensors = args[0]
     dim = args[1] if len(args) > 1 else dim
     rank = len(low.shape(node))
@@ -493,6 +494,10 @@ def _add(low: Lowering, node, args, **kwargs):
     a, b = args[0], args[1]
     alpha = kwargs.get("alpha", 1)
     shape = low.shape(node) if node.name in low.c.dims else None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and not val.is_floating_point() and isinstance(a, Param):
+        # a counter buffer (BatchNorm's num_batches_tracked += 1): only feeds a buffer update
+        return Data(torch.zeros(tuple(val.shape), dtype=val.dtype))
     if isinstance(a, Vec) and isinstance(b, Param) and len(b.shape) == 1 and b.width_axes == (0,) \
             and a.axis == len(a.shape) - 1 and tuple(a.shape) == shape:
         bias = low.bias(b)
