@@ -4,15 +4,20 @@
     PYTHONPATH=src python examples/convergence.py --models rnn gru --widths 64 128 256 512 1024 2048 --seeds 8
 
 For each model in ``MODELS`` and each width, builds ``--seeds`` independently initialized
-networks; for each one, the kernel of its outputs ``K_n = f fᵀ / k`` (f: [N, k] outputs
-on a fixed input batch) is compared with the limit ``K = tp.infinite_width(...).nngp(x)``
-by the relative Frobenius distance ``‖K_n − K‖_F / ‖K‖_F``. Writes one log-log PNG per
-model (mean over seeds ± one standard deviation, with a fitted ``c·width^(-1/2)`` line)
-and prints the fitted slope of log(distance) against log(width): −1/2 is the Tensor
-Programs rate of a single network's fluctuations.
+networks. One network's NNGP kernel is its features' kernel seen by the readout,
+``K_n = σ_w²·φ φᵀ/fan_in + σ_b²`` (φ: [N, fan_in], the input of the readout layer
+``model.out`` on a fixed batch; σ_w² = Var(W_ij)·fan_in and σ_b² read from the code by
+``tp.frontend.read_initialization``): the output kernel averaged over the readout's
+initialization, whose randomness is not a width effect. It is compared with the limit
+``K = tp.infinite_width(...).nngp(x)`` by the relative Frobenius distance
+``‖K_n − K‖_F / ‖K‖_F``. Writes one log-log PNG per model (mean over seeds ± one
+standard deviation, with a fitted ``c·width^(-1/2)`` line) and prints the fitted slope
+of log(distance) against log(width): −1/2 is the Tensor Programs rate of a single
+network's fluctuations.
 
 Add a model by adding an entry ``name: (factory, inputs)`` to ``MODELS``; ``factory(width)``
-returns a plain ``nn.Module`` (hidden sizes proportional to ``width``).
+returns a plain ``nn.Module`` (hidden sizes proportional to ``width``) whose readout is an
+``nn.Linear`` attribute named ``out``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 import tensorprograms as tp
-from tensorprograms.factory import build
+from tensorprograms.factory import build, eval_mode
+from tensorprograms.frontend import read_initialization
 
 D, T, N, K_OUT = 3, 5, 4, 16  # input features, time steps, batch, readout units
 
@@ -74,9 +80,18 @@ def distances(factory: Callable[[int], nn.Module], x: torch.Tensor, widths: list
     xd = x.double() if x.is_floating_point() else x
     with torch.no_grad(), tqdm(total=len(widths) * seeds, desc="networks", leave=False) as bar:
         for i, w in enumerate(widths):
+            inits = read_initialization(factory, (w, 2 * w))
             for s in range(seeds):
-                f = build(factory, w, s).double().eval()(xd)
-                Kn = f @ f.T / f.shape[1]
+                model = eval_mode(build(factory, w, s)).double()
+                feats = []
+                hook = model.out.register_forward_hook(lambda m, a, o, _f=feats: _f.append(a[0]))
+                model(xd)
+                hook.remove()
+                phi = feats[0]
+                fan_in = phi.shape[1]
+                sw2 = float(inits["out.weight"].variances[0]) * fan_in
+                sb2 = float(inits["out.bias"].variances[0]) if "out.bias" in inits else 0.0
+                Kn = sw2 * phi @ phi.T / fan_in + sb2
                 out[i, s] = float(torch.linalg.norm(Kn - limit) / torch.linalg.norm(limit))
                 bar.update(1)
     return limit, out
@@ -103,7 +118,7 @@ def plot(name: str, widths: list[int], dist: np.ndarray, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("width")
     ax.set_ylabel(r"$\|K_n - K_\infty\|_F / \|K_\infty\|_F$")
-    ax.set_title(f"{name}: NNGP of one network vs the limit")
+    ax.set_title(f"{name}: one network's NNGP vs the limit")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

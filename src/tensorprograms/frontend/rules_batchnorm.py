@@ -45,8 +45,17 @@ def _affine(low: Lowering, weight, bias) -> tuple[float, float]:
             gain = low.init_mean(p)[0]
         else:
             shift = low.init_mean(p)[0]
-        low.folded.append(p.name)
     return gain, shift
+
+
+def _ghosts(low: Lowering, weight, bias, y, unit) -> None:
+    """The affine parameters' NTK terms (constant at init, so absent from the forward pass):
+    the gain's gradient is the cotangent times the normalized input ``unit``, the shift's
+    the cotangent (as for LayerNorm)."""
+    if weight is not None:
+        low.ghost(weight, y, factor=unit)
+    if bias is not None:
+        low.ghost(bias, y)
 
 
 def _check_input(low: Lowering, x) -> Vec:
@@ -79,6 +88,9 @@ def _batch_norm_train(low: Lowering, node, args):
         return _g * (u - mean) / torch.sqrt(var + _eps) + _s
 
     y = low.program.nonlin(batch_norm, x.var, elementwise=False)
+    unit = y if (gain, shift) == (1.0, 0.0) else low.program.nonlin(
+        lambda u, _g=gain, _s=shift: (u - _s) / _g, y, elementwise=True)
+    _ghosts(low, weight, bias, y, unit)
     return Tuple_((Vec(y, x.shape, x.axis), *_stats_placeholders(node)))
 
 
@@ -110,4 +122,8 @@ def _batch_norm_eval(low: Lowering, node, args):
         y = low.program.lincomb([scale], [x.var])
     else:
         y = low.program.nonlin(lambda u, _a=scale: _a * u, x.var, elementwise=True)
+    if weight is not None or bias is not None:
+        inv = (var + eps) ** -0.5
+        unit = low.program.nonlin(lambda u, _m=mean, _i=inv: (u - _m) * _i, x.var, elementwise=True)
+        _ghosts(low, weight, bias, y, unit)
     return Tuple_((Vec(y, x.shape, x.axis), *_stats_placeholders(node)))
