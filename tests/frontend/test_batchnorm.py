@@ -99,6 +99,7 @@ def test_batchnorm_eval_mode_is_affine(x):
     torch.testing.assert_close(K, ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_batchnorm_ntk_is_rejected(x):
     """Batch statistics couple the examples: the NTK is not per-example and is rejected."""
     with pytest.raises(tp.UnsupportedOperation, match="shared across the batch"):

@@ -62,7 +62,7 @@ def test_tanh_rnn_matches_monte_carlo(seq):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [
     {"kind": "rnn", "nonlinearity": "relu", "layers": 2, "bidirectional": True},
-    {"kind": "rnn", "readout": "mean", "batch_first": False},
+    {"kind": "rnn", "readout": "mean", "batch_first": False, "bidirectional": True},
     {"kind": "gru"},
     {"kind": "gru", "layers": 2, "bidirectional": True, "batch_first": False},
     {"kind": "lstm", "readout": "mean"},
@@ -167,3 +167,28 @@ class _Last(nn.Module):
 
     def forward(self, x):
         return self.rnn(x)[0][:, -1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["rnn", "gru"])
+def test_single_network_ntk_converges_like_inverse_sqrt_width(seq, cell):
+    """One network's NTK (torch.func) approaches the limit at rate width^(-1/2): the fitted
+    log-log slope of the RMS error is −1/2 within 3 standard errors of the fit."""
+    from tensorprograms.empirical import ntk as empirical_ntk
+    from tensorprograms.frontend import read_initialization
+
+    from .test_ntk_empirical import fit_slope
+
+    factory = (lambda n: Fused(n, "rnn")) if cell == "rnn" else (lambda n: Loop(n, "gru"))
+    theta = tp.infinite_width(factory, seq).ntk(seq)
+    widths, errs = [64, 128, 256, 512, 1024], []
+    for n in widths:
+        v = {k: p.variances[0] for k, p in read_initialization(factory, (n, 2 * n)).items()}
+        e = []
+        for s in range(12):
+            torch.manual_seed(100 * n + s)
+            K = empirical_ntk(factory(n), seq, parametrization="ntk", variances=v)
+            e.append(((K - theta) ** 2).mean().item())
+        errs.append(e)
+    slope, se = fit_slope(widths, errs)
+    assert abs(slope + 0.5) < 3 * se, f"slope {slope:.3f} ± {se:.3f}"
