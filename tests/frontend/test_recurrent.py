@@ -111,8 +111,24 @@ def test_embedding_limit_is_the_token_gram():
     torch.testing.assert_close(K, 0.49 * same, rtol=1e-12, atol=1e-14)
 
 
+class DefaultBiasGRU(nn.Module):
+    """nn.GRU with PyTorch's default biases (variance 1/(3·width): zero in the forward
+    limit, but each bias still has a gradient — the NTK's ghost terms, per gate block)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.rnn, self.out = nn.GRU(3, width, batch_first=True), nn.Linear(width, 16)
+        for name, p in self.rnn.named_parameters():
+            if "weight" in name:
+                nn.init.normal_(p, std=math.sqrt(SW2 / p.shape[1]))
+        nn.init.normal_(self.out.weight, std=1 / math.sqrt(width))
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["rnn", "gru", "lstm", "gru-loop", "token-rnn"])
+@pytest.mark.parametrize("name", ["rnn", "gru", "lstm", "gru-loop", "token-rnn", "gru-default-bias"])
 def test_recurrent_ntk_matches_empirical(seq, name):
     factory = {
         "rnn": lambda n: Fused(n, "rnn", readout="mean"),
@@ -120,6 +136,7 @@ def test_recurrent_ntk_matches_empirical(seq, name):
         "lstm": lambda n: Fused(n, "lstm", batch_first=False),
         "gru-loop": lambda n: Loop(n, "gru"),
         "token-rnn": TokenRNN,
+        "gru-default-bias": DefaultBiasGRU,
     }[name]
     x = torch.tensor([[0, 1, 2, 3], [3, 1, 0, 0], [4, 4, 2, 1]]) if name == "token-rnn" else seq
     theta = tp.infinite_width(factory, x).ntk(x)

@@ -87,13 +87,28 @@ def _block_columns(low: Lowering, W: Param, start: int, stop: int):
 
 
 def _block_bias(low: Lowering, p: Param, start: int, stop: int):
-    """Rows ``start:stop`` of a width-sized bias, or None where its variance vanishes."""
+    """Rows ``start:stop`` of a width-sized bias: an initial vector, or a zero one (with its
+    NTK ghost) where the variance vanishes with width."""
     key = _row_key(p, start, stop)
     if key not in low._biases:
         full = low.bias(p)  # checks mean and scaling; None when the variance vanishes
-        low._biases[key] = None if full is None else low.new_vector(
+        low._biases[key] = _vanishing(low, p, key) if full is None else low.new_vector(
             p.name, f"{_tp_name(p.name)}_r{start}_{stop}", variance=low.v(p))
     return low._biases[key]
+
+
+def _vanishing(low: Lowering, p: Param, key: str) -> Vector:
+    """A bias whose variance vanishes with width (PyTorch's default behind a width fan-in):
+    a zero vector in the forward pass, kept as a variable so its gradient has a target —
+    the NTK's ghost for it (``Lowering.ghost``), one per block of rows, since blocks are
+    different entries of the parameter."""
+    z = low.new_vector(p.name, f"{_tp_name(key)}_0", cov=torch.zeros(()))
+    if key not in low._ghost_prims:
+        low._ghost_prims[key] = low.new_vector(p.name, f"{_tp_name(key)}~", variance=1.0)
+    prim = low._ghost_prims[key]
+    use = low.program.linear(lower._broadcaster(z.shape), prim, label=f"∂/∂{key}")
+    low.ghosts.append((prim, use, z, None))
+    return z
 
 
 def _broadcast(low: Lowering, b: Vector, fshape: tuple[int, ...]) -> Vector:
@@ -271,6 +286,8 @@ def _zero_or_bias(low: Lowering, node, x: Data, W: Param, bias: Param | None):
     if _is_zero(x):
         out_shape = low.shape(node)
         b = low.bias(bias) if bias is not None else None
+        if b is None and bias is not None:
+            b = _block_bias(low, bias, 0, bias.shape[0])  # vanishing: zero, with its gradient
         if b is None:
             return Data(torch.zeros(out_shape, dtype=torch.float64))
         axis = low.width_axis(node)
@@ -500,14 +517,11 @@ def _add(low: Lowering, node, args, **kwargs):
         return Data(torch.zeros(tuple(val.shape), dtype=val.dtype))
     if isinstance(a, Vec) and isinstance(b, Param) and len(b.shape) == 1 and b.width_axes == (0,) \
             and a.axis == len(a.shape) - 1 and tuple(a.shape) == shape:
-        bias = low.bias(b)
-        if bias is None:
-            return a
-        sign = float(alpha) * (1.0 if node.target == aten.add.Tensor else -1.0)
-        v = a.var
-        if not v.is_gaussian:
+        if float(alpha) != 1.0 or node.target != aten.add.Tensor:
+            raise low.unsupported(f"subtracts or scales the bias {b.name}")
+        if not a.var.is_gaussian:
             raise low.unsupported(f"adds the bias {b.name} to a nonlinear function of activations")
-        return Vec(low.program.lincomb([1.0, sign], [v, bias]), shape, a.axis)
+        return Vec(low.add_bias(b, a.var), shape, a.axis)
     if isinstance(a, Vec) and _is_zero(b):
         return _broadcast_to(low, node, a, shape)
     if node.target == aten.add.Tensor and isinstance(b, Vec) and _is_zero(a) and float(alpha) == 1.0:
