@@ -46,7 +46,7 @@ aten = torch.ops.aten
 lower.CONCAT_OPS.update({aten.bmm.default, aten.select.int, aten.slice.Tensor, aten.view.default,
                          aten._unsafe_view.default, aten.squeeze.dims, aten.squeeze.dim,
                          aten.unsqueeze.default, aten.permute.default, aten.mean.dim,
-                         aten.clone.default, aten.expand.default, aten.flip.default})
+                         aten.clone.default, aten.expand.default, aten.flip.default, aten.cat.default})
 
 
 @dataclass
