@@ -59,9 +59,11 @@ def test_finite_index_nonlinearity_matches_monte_carlo(kind):
     backends = {r.backend for r in engine.records}
     assert backends & {"monte_carlo", "quadrature"}, engine.report()
     emp = tp.empirical.nngp(factory, 1024, x, samples=32, seed=4)
-    worst = max((r.max_stderr or 0.0) for r in engine.records)
-    assert 1.5 * worst < emp.stderr.min() / 10, engine.report()
-    z = ((K - emp.mean).abs() / emp.stderr).max().item()
+    # the readout (σ² = 1.5) passes the last expectation's Monte Carlo SE on to K; earlier
+    # expectations' errors are not propagated by the engine, so they must stay below SE
+    engine_se = 1.5 * max((r.max_stderr or 0.0) for r in engine.records)
+    assert engine_se < emp.stderr.min(), engine.report()
+    z = ((K - emp.mean).abs() / (emp.stderr**2 + engine_se**2).sqrt()).max().item()
     assert z < Z, f"max |MC − limit| / SE = {z:.2f}\n{engine.report()}"
 
 
