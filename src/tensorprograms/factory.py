@@ -20,3 +20,20 @@ def build(factory: Callable[[int], nn.Module], width: int, seed: int) -> nn.Modu
             "factory must build and return the model for a given width, e.g. lambda n: MyNet(width=n)"
         )
     return model
+
+
+def eval_mode(model: nn.Module) -> nn.Module:
+    """``model.eval()`` except batch-norm layers that are in training mode, which keep
+    normalizing by batch statistics.
+
+    The frontend and ``tp.empirical`` evaluate models this way: dropout is off, and a
+    ``nn.BatchNorm*d`` the factory left in training mode (PyTorch's default) uses the
+    statistics of the batch it is given, so its limit depends on the batch
+    (docs/sequence-models.md). Call ``.eval()`` on it in the factory for running statistics.
+    """
+    norms = nn.modules.batchnorm._BatchNorm
+    batch_stats = [m for m in model.modules() if isinstance(m, norms) and m.training]
+    model.eval()
+    for m in batch_stats:
+        m.train()
+    return model

@@ -25,3 +25,20 @@ def apply_pair(K: np.ndarray, pair) -> np.ndarray:
         for j in range(len(K)):
             out[i, j] = pair(K[i, i], K[j, j], K[i, j])
     return out
+
+
+def erf_rnn_nngp(X: np.ndarray, sw2: float, su2: float, sb2: float, sv2: float, svb2: float) -> np.ndarray:
+    """NNGP of h_t = erf(W h_{t-1} + U x_t + b), h_0 = 0, read out from h_T (TP I's RNN
+    example): a recursion over pairs of (example, time).
+
+    X: [N, T, d]. Var(W_ij) = sw2/n, Var(U_ij) = su2/d, Var(b_i) = sb2, readout
+    Var(V_ij) = sv2/n with bias variance svb2. Returns [N, N].
+    """
+    N, T, d = X.shape
+    # E[h_t^i h_t^j]: g_t = W h_{t-1} + U x_t + b depends on h_{t-1} alone, so a readout of
+    # h_T needs only equal-time pairs (unequal-time ones enter a mean-over-time readout).
+    H = np.zeros((N, N))
+    for t in range(T):
+        G = sw2 * H + su2 / d * X[:, t] @ X[:, t].T + sb2
+        H = apply_pair(G, erf_pair)
+    return sv2 * H + svb2

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..factory import build
+from ..factory import build, eval_mode
 
 __all__ = ["EmpiricalKernel", "nngp"]
 
@@ -76,7 +76,7 @@ def _check_args(factory: Callable, width: int, samples: int, batch_size: int | N
 
 
 def _build(factory: Callable, width: int, seed: int) -> nn.Module:
-    return build(factory, width, seed).double().eval()
+    return eval_mode(build(factory, width, seed)).double()
 
 
 def _as_features(out: object, n: int, where: str) -> torch.Tensor:

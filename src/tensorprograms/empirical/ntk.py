@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..factory import eval_mode
 from .nngp import EmpiricalKernel, _build, _check_args, _check_inputs, _progress
 
 __all__ = ["ntk", "ntk_mean"]
@@ -49,7 +50,7 @@ def _float64_eval(model: nn.Module) -> nn.Module:
         t.dtype == torch.float64 for t in tensors if t.is_floating_point()
     ):
         return model
-    return copy.deepcopy(model).double().eval()
+    return eval_mode(copy.deepcopy(model)).double()
 
 
 def _weights(trainable: dict[str, Tensor], parametrization: str,

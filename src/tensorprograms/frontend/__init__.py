@@ -1,5 +1,6 @@
 """PyTorch models to Tensor Programs: ``tp.infinite_width``."""
 
+from . import rules_batchnorm, rules_embedding, rules_recurrent  # noqa: F401  (they register rules in RULES)
 from .init_reader import ParamInit, fan_in_scaling, read_initialization
 from .limit import InfiniteWidthLimit, infinite_width
 from .lower import RULES

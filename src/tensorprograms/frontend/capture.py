@@ -16,7 +16,8 @@ import torch
 from torch import fx
 
 from ..errors import WidthError
-from ..factory import build
+from ..factory import build, eval_mode
+from .module_checks import check_recurrent_modules
 
 
 @dataclass
@@ -72,6 +73,9 @@ def _export(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations
+            # nn.RNN/GRU/LSTM re-assign their flat weight list while exported: harmless here
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights",
+                                    category=UserWarning)
             ep = torch.export.export(model, inputs, strict=False)
             return ep.run_decompositions()
     except Exception as exc:  # noqa: BLE001 - re-raised with a hint
@@ -92,8 +96,9 @@ def capture(
     w1, w2 = widths
     models = []
     for w in widths:
-        models.append(build(factory, w, 0).eval().double())
-    inputs = tuple(x.double() for x in inputs)
+        models.append(eval_mode(build(factory, w, 0)).double())
+        check_recurrent_modules(models[-1])
+    inputs = tuple(x.double() if x.is_floating_point() else x for x in inputs)  # token ids stay integer
     eps = [_export(m, inputs) for m in models]
     n1 = [n for n in eps[0].graph.nodes]
     n2 = [n for n in eps[1].graph.nodes]

@@ -113,7 +113,7 @@ class InfiniteWidthLimit:
         return self._captured[key]
 
     def _lower(self, inputs: tuple[torch.Tensor, ...]) -> tuple[Program, Vec]:
-        inputs = tuple(x.to(torch.float64) for x in inputs)
+        inputs = tuple(x.to(torch.float64) if x.is_floating_point() else x for x in inputs)
         captured = self._capture(tuple(x.detach() for x in inputs))
         low = Lowering(captured, inputs, self.inits, self.hyperparameters)
         out = low.run()

@@ -22,7 +22,7 @@ from ..program import functions as F
 from ..program.program import Program
 from ..program.variables import Scalar
 from .capture import Captured, source_line
-from .values import Concat, Data, Merged, Param, ParamT, Sca, Tuple_, Vec
+from .values import Concat, Data, Merged, NodeView, Param, ParamT, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
 Rule = Callable[["Lowering", fx.Node, list[Any]], Any]
@@ -32,6 +32,8 @@ RULES: dict[Any, Rule] = {}
 # to pass).
 CHECKS: list[Callable[[Lowering], None]] = []
 APPLY_HOOKS: list[Callable[[Lowering, fx.Node, list, dict], Any]] = []
+# ops whose rules accept a width concatenation (``Concat``); others raise a clear error
+CONCAT_OPS: set[Any] = {aten.addmm.default, aten.mm.default}
 
 
 def rule(*ops):
@@ -96,7 +98,9 @@ class Lowering:
     def unsupported(self, why: str) -> UnsupportedOperation:
         return UnsupportedOperation(f"{self.where()}: {why}")
 
-    def width_axis(self, node: fx.Node) -> int | None:
+    def width_axis(self, node: fx.Node | NodeView) -> int | None:
+        if isinstance(node, NodeView):
+            return node.axis
         dims = self.c.dims.get(node.name)
         if dims is None or not dims.width_axes:
             return None
@@ -107,7 +111,9 @@ class Lowering:
             )
         return dims.width_axes[0]
 
-    def shape(self, node: fx.Node) -> tuple[int, ...]:
+    def shape(self, node: fx.Node | NodeView) -> tuple[int, ...]:
+        if isinstance(node, NodeView):
+            return node.shape
         return self.c.dims[node.name].small
 
     def init_variance(self, p: Param) -> tuple[float, float]:
@@ -150,7 +156,10 @@ class Lowering:
                 self.env[node.name] = self._apply(node, args, kwargs)
             elif node.op == "output":
                 outs = self._resolve(node.args[0])
-                out = outs[0] if isinstance(outs, (list, tuple)) else outs
+                # the first user output (buffer mutations, e.g. BatchNorm's running stats, come first)
+                kinds = [spec.kind.name for spec in self.c.program.graph_signature.output_specs]
+                first = kinds.index("USER_OUTPUT") if "USER_OUTPUT" in kinds else 0
+                out = outs[first] if isinstance(outs, (list, tuple)) else outs
             elif node.op == "get_attr":
                 raise self.unsupported("graph attributes (get_attr) are not supported")
         return out
@@ -172,9 +181,7 @@ class Lowering:
         if all(not isinstance(a, abstract) for a in _flat(args, kwargs)):
             # finite and deterministic: evaluate it (input preprocessing, constants)
             return _fold(op, args, kwargs)
-        if any(isinstance(a, Concat) for a in _flat(args, kwargs)) and op not in (
-            aten.addmm.default, aten.mm.default
-        ):
+        if any(isinstance(a, Concat) for a in _flat(args, kwargs)) and op not in CONCAT_OPS:
             raise self.unsupported(
                 "only a linear layer may follow a concatenation along the width; apply "
                 "elementwise functions to the pieces before concatenating."

@@ -28,6 +28,7 @@ from ..program.calling import call_full, common_rank, is_elementwise
 from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Matrix, Scalar, Vector
+from .batch_owner import SHARED, batch_owners, one_hot_owner
 
 
 def _vjp_fn(fn, shapes, i: int, out_shape, nparams: int, linear: bool):
@@ -147,7 +148,9 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
     vanishes because the backward pass is odd in the readout seeds, which are independent
     of the forward pass (TP II)."""
     Q = program
-    uses: dict[object, list[tuple[Vector, object]]] = defaultdict(list)  # primitive -> (a, da)
+    owners = batch_owners(Q, output, batch)  # example of each finite index (any layout)
+    # primitive -> (a, da, the forward var whose entries a's entries belong to)
+    uses: dict[object, list[tuple[Vector, object, Vector]]] = defaultdict(list)
     cot: dict[Vector, list] = defaultdict(list)  # var -> cotangent pieces (Vector or tensor)
     seeds: dict[Matrix, Vector] = {}
     cot[output].append(torch.ones(output.shape, dtype=torch.float64))
@@ -197,12 +200,12 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
         if d is None:
             continue
         for prim, use, factor in ghosts_at.get(out, ()):
-            uses[prim].append((use, d if factor is None else times_forward(factor, d)))
+            uses[prim].append((use, d if factor is None else times_forward(factor, d), out))
         if isinstance(ins, InitVector):
             continue  # its uses were recorded where it entered a LinComb
         if isinstance(ins, MatMul):
             W = ins.matrix
-            uses[W].append((out, d))
+            uses[W].append((out, d, out))
             if isinstance(d, torch.Tensor):  # readout: √n·(row of W) is a fresh initial vector
                 if W not in seeds:
                     seeds[W] = Q.vector(f"d{W.name}", variance=W.variance)
@@ -219,7 +222,7 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                     # a LinComb of x alone is its own use (shares its covariance cache)
                     a = out if len(ins.xs) == 1 and not ps else Q.linear(
                         _part(ins.fn, shapes, i), x, label=f"use of {x.name}", params=ps)
-                    uses[x].append((a, d))
+                    uses[x].append((a, d, out))
                 elif isinstance(d, torch.Tensor):
                     if ps:
                         raise UnsupportedOperation(
@@ -247,7 +250,7 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                 )
             shapes = [x.shape for x in ins.xs]
             for i, x in enumerate(ins.xs):
-                if not x.shape or x.shape[0] != batch:
+                if (owners[x] == SHARED).any():
                     raise UnsupportedOperation(
                         f"NTK: {x.name} is shared across the batch inside a nonlinearity"
                     )
@@ -274,14 +277,17 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
         if trainable is not None and not trainable(prim):
             continue
         theta = torch.zeros(batch, batch, dtype=torch.float64)
-        for a_i, d_i in items:
-            for a_j, d_j in items:
+        for a_i, d_i, f_i in items:
+            O_i = one_hot_owner(owners[f_i], batch)
+            if (owners[f_i] == SHARED).any():
+                raise UnsupportedOperation(f"NTK: {f_i.name} is shared across the batch")
+            for a_j, d_j, f_j in items:
                 C = limit.cov(a_i, a_j)  # [*F_i, *F_j]
                 if isinstance(d_i, torch.Tensor):
                     D = torch.einsum("a,b->ab", d_i.reshape(-1), d_j.reshape(-1)).reshape(C.shape)
                 else:
                     D = limit.second_moment(d_i, d_j)
-                prod = (C * D).reshape(batch, a_i.numel // batch, batch, a_j.numel // batch)
-                theta = theta + prod.sum(dim=(1, 3))
+                O_j = one_hot_owner(owners[f_j], batch)
+                theta = theta + O_i.T @ (C * D).reshape(a_i.numel, a_j.numel) @ O_j
         contributions[prim] = theta
     return contributions, limit

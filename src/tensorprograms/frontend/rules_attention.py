@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..errors import UnsupportedOperation, WidthError
+from ..errors import UnsupportedOperation
 from ..program import functions as F
 from ..program.variables import Vector
 from .capture import source_line
-from .lower import APPLY_HOOKS, CHECKS, Lowering, _gather_vec, _linear_layer, _scalar_expr, rule
+from .lower import APPLY_HOOKS, CHECKS, RULES, Lowering, _gather_vec, _linear_layer, _scalar_expr, rule
 from .values import Concat, Data, Merged, Param, ParamT, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
@@ -143,6 +143,10 @@ def _buffers(low: Lowering) -> set[str]:
     return {name for name, _ in low.c.modules[0].named_buffers()}
 
 
+BUFFER_OPS = {aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
+              aten._native_batch_norm_legit_no_training.default}
+
+
 def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
     """Ops on deterministic scalars (logits, masks, softmax) and on head-split activations."""
     flat = list(_flat(list(args) + list(kwargs.values())))
@@ -152,7 +156,8 @@ def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
         return _scalar_expr(low, node, args, kwargs)  # any op of deterministic scalars
     x = args[0] if args else None
     params = [a for a in flat if isinstance(a, Param) and a.width_axes]
-    buffers = [a for a in params if a.name in _buffers(low)] if params else []
+    # batch norm's running statistics are the buffers its own rules read
+    buffers = [a for a in params if a.name in _buffers(low)] if params and op not in BUFFER_OPS else []
     if buffers and any(isinstance(a, (Vec, HeadVec)) for a in flat):
         raise low.unsupported(
             f"the width-sized buffer {buffers[0].name} is combined with an activation. A "
@@ -166,6 +171,8 @@ def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
             raise low.unsupported("a shape operation on a weight")
         return BatchedWeight(x if isinstance(x, ParamT) else x.weight)
     if op == aten.bmm.default and isinstance(args[1], BatchedWeight):
+        if isinstance(x, Data):  # a recurrent input projection (rules_recurrent)
+            return RULES[aten.bmm.default](low, node, args)
         if not isinstance(x, Vec):
             raise low.unsupported("a linear layer applied to something other than an activation")
         return _linear_layer(low, node, x, args[1].weight, None)
@@ -292,41 +299,6 @@ def _weighted(low: Lowering, node, w: Sca, v) -> Vec | HeadVec:
     f_out = inverse[:, None] * I_ + torch.arange(I_)
     codes = (f_out * N + hv[:, :1] * d).unsqueeze(-1) + torch.arange(d)
     return _decode(low, codes, 2, N, out)
-
-
-# ---------------------------------------------------------------------- embeddings
-
-@rule(aten.embedding.default)
-def _embedding(low: Lowering, node, args):
-    """nn.Embedding (finite vocabulary or positions, width-sized rows): an input layer."""
-    weight, indices = args[0], args[1]
-    if len(args) > 2 and args[2] not in (-1, None):
-        raise low.unsupported("nn.Embedding with padding_idx (its zero row is not random)")
-    if not isinstance(weight, Param) or not isinstance(indices, Data):
-        raise low.unsupported("an embedding lookup of a parameter by constant or input indices")
-    if weight.width_axes != (1,):
-        raise low.unsupported(f"{weight.name}: an embedding whose rows are not width-sized")
-    key = f"{weight.name}#rows"
-    if key not in low._columns:
-        (v1, v2), (m1, _) = low.init_variance(weight), low.init_mean(weight)
-        if v1 <= 0 or not math.isclose(v1, v2, rel_tol=1e-9) or m1 != 0.0:
-            raise WidthError(
-                f"embedding {weight.name}: entries must be zero-mean with a variance that does not "
-                f"change with width (read {v1:.4g} and {v2:.4g}, mean {m1:g}); e.g. nn.init.normal_."
-            )
-        low._columns[key] = low.new_vector(weight.name, weight.name.replace(".", "_"),
-                                           shape=(weight.shape[0],), variance=low.v(weight))
-    rows = low._columns[key]
-    idx = indices.value.long()
-    if (idx < 0).any() or (idx >= weight.shape[0]).any():
-        raise low.unsupported(f"indices outside the embedding's {weight.shape[0]} rows")
-    flat, shape = idx.reshape(-1), tuple(idx.shape)
-
-    def lookup(u, _i=flat, _s=shape):
-        return u[..., _i].reshape(*u.shape[:-1], *_s)
-
-    h = low.program.linear(lookup, rows, label=f"{rows.name}[indices]")
-    return Vec(h, low.shape(node), low.width_axis(node))
 
 
 # ---------------------------------------------------------------------- width powers

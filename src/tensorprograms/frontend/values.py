@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -112,3 +113,25 @@ class Concat:
     sizes: list[int]  # block sizes at the small width
     shape: tuple[int, ...]
     axis: int
+
+
+@dataclass
+class NodeView:
+    """A graph node seen with another shape: one block of a width concatenation, to which
+    a rule applies the node's op (``target``) with the block's ``shape`` and width ``axis``."""
+
+    node: Any
+    shape: tuple[int, ...]
+    axis: int
+
+    @property
+    def target(self):
+        return self.node.target
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def meta(self) -> dict:
+        return self.node.meta

@@ -153,17 +153,25 @@ class ProgramLimit:
             perm = list(range(ny, e.value.ndim)) + list(range(ny))
             se = None if e.stderr is None else e.stderr.permute(tuple(perm))
             return Estimate(e.value.permute(tuple(perm)), se, e.backend, e.dim)
-        u = ins.xs[0]
-        inner = self._second(u, y)
+        shapes = [u.shape for u in ins.xs]
+        value, se, backends, dim = 0, None, [], 0
+        for i, u in enumerate(ins.xs):  # L(u_1, …, u_k) = Σ_i L(0, …, u_i, …, 0)
+            inner = self._second(u, y)
 
-        def apply(t: torch.Tensor) -> torch.Tensor:
-            # [*F_u, *F_y] -> [*F_y, *F_u] -> fn over F_u with F_y as batch -> [*F_x, *F_y]
-            t = t.reshape(u.numel, y.numel).T.reshape(y.numel, *u.shape)
-            out = call_full(ins.fn, [t], [u.shape], [], 1).reshape(y.numel, x.numel)
-            return out.T.reshape(x.shape + y.shape)
+            def apply(t: torch.Tensor, _i=i, _u=u) -> torch.Tensor:
+                # [*F_u, *F_y] -> [*F_y, *F_u] -> fn over F_u with F_y as batch -> [*F_x, *F_y]
+                t = t.reshape(_u.numel, y.numel).T.reshape(y.numel, *_u.shape)
+                args = [t if j == _i else t.new_zeros(y.numel, *s) for j, s in enumerate(shapes)]
+                out = call_full(ins.fn, args, shapes, [], 1).reshape(y.numel, x.numel)
+                return out.T.reshape(x.shape + y.shape)
 
-        se = None if inner.stderr is None else apply(inner.stderr).abs()
-        return Estimate(apply(inner.value), se, f"linear({inner.backend})", inner.dim)
+            value = value + apply(inner.value)
+            if inner.stderr is not None:
+                part = apply(inner.stderr).abs()
+                se = part if se is None else se + part
+            backends.append(inner.backend)
+            dim = max(dim, inner.dim)
+        return Estimate(value, se, f"linear({', '.join(dict.fromkeys(backends))})", dim)
 
     def second_moment(self, x: Vector, y: Vector | None = None) -> torch.Tensor:
         """``E[Z^x ⊗ Z^y]``, shape ``[*F_x, *F_y]`` (y defaults to x)."""

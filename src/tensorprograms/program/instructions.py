@@ -114,7 +114,7 @@ class Nonlin(Instruction):
     params: tuple[Any, ...] = ()
     elementwise: bool = False
     label: str = ""
-    linear: bool = False  # one vector argument, no params, fn linear (a gather, a pooling)
+    linear: bool = False  # no params, fn linear in its vectors (a gather, a pooling, a concatenation)
 
     @property
     def inputs(self):

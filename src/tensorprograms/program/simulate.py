@@ -50,11 +50,14 @@ def simulate(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     keep_matrices: bool = False,
+    requires_grad: bool = False,
 ) -> FiniteWidthRun:
     """Sample every initial matrix and vector at width ``n`` and run the program.
 
     Matrices ``W`` of shape ``(out_ratio·n) × (in_ratio·n)`` get iid N(0, σ²/fan_in)
     entries; initial vectors get iid coordinates with their finite-index covariance.
+    ``requires_grad``: the samples require gradients, so (under grad mode) every value is
+    differentiable with respect to them and to each other.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"width n must be a positive integer, got {n!r}")
@@ -65,13 +68,14 @@ def simulate(
         if isinstance(ins, InitMatrix):
             rows, cols = width_of(out.out_ratio, n), width_of(out.in_ratio, n)
             std = math.sqrt(out.variance / cols)
-            vals[out] = torch.randn(rows, cols, generator=gen, dtype=dtype) * std
+            w = torch.randn(rows, cols, generator=gen, dtype=dtype) * std
+            vals[out] = w.requires_grad_(requires_grad)
         elif isinstance(ins, InitVector):
             m, k = width_of(out.ratio, n), out.numel
             root = _sqrt_psd(ins.cov.reshape(k, k)).to(dtype)
             vals[out] = (torch.randn(m, k, generator=gen, dtype=dtype) @ root.T).reshape(
                 m, *out.shape
-            )
+            ).requires_grad_(requires_grad)
         elif isinstance(ins, MatMul):
             w, x = vals[ins.matrix], vals[ins.x]
             w = w.T if ins.transpose else w
