@@ -7,7 +7,7 @@
 >>> limit = tp.master_theorem(P)
 """
 
-from . import empirical, frontend, functions, master, mup, parametrization, program
+from . import empirical, frontend, functions, master, mup, parametrization, predict, program
 from .errors import ExpectationError, ProgramError, UnsupportedOperation, WidthError
 from .frontend import InfiniteWidthLimit, infinite_width
 from .master import ProgramLimit, master_theorem
@@ -35,6 +35,7 @@ __all__ = [
     "master_theorem",
     "mup",
     "parametrization",
+    "predict",
     "program",
     "simulate",
 ]
