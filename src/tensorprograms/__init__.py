@@ -15,6 +15,18 @@ from .program import FiniteWidthRun, Matrix, Program, Scalar, Vector, simulate
 
 __version__ = "0.1.0"
 
+# Optional-extra modules, imported on first use: ``tp.sklearn`` (scikit-learn) and
+# ``tp.gpytorch`` (gpytorch); each raises an ImportError naming the extra when it is missing.
+_OPTIONAL = ("sklearn", "gpytorch")
+
+
+def __getattr__(name: str):
+    if name in _OPTIONAL:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "ExpectationError",
     "InfiniteWidthLimit",

@@ -59,6 +59,7 @@ def test_predictions_equal_tp_predict(data):
 
 def test_contract_clone_pipeline_gridsearch(data):
     X, y, labels = data
+    assert tp.sklearn.InfiniteWidthClassifier is InfiniteWidthClassifier  # lazy tp.sklearn
     est = InfiniteWidthClassifier(**CHEAP)
     assert clone(est).get_params() == est.get_params()
     est.set_params(noise=0.1)

@@ -40,11 +40,20 @@ class CNN(nn.Module):
 
 
 class GRU(nn.Module):
-    """``nn.GRU`` reading the signal one value per step; linear readout of the last state."""
+    """``nn.GRU`` reading the signal one value per step; linear readout of the last state.
+
+    PyTorch's default GRU initialization draws *every* weight with variance 1/(3·width),
+    including the input weights of fan-in 1, so the input's effect vanishes as the width
+    grows (the frontend rejects it with a WidthError). Here input weights are N(0, 1)
+    (variance 1/fan_in), recurrent weights N(0, 1/width), biases zero."""
 
     def __init__(self, width: int, d: int, classes: int):
         super().__init__()
         self.gru = nn.GRU(1, width, batch_first=True)
+        nn.init.normal_(self.gru.weight_ih_l0, std=1.0)
+        nn.init.normal_(self.gru.weight_hh_l0, std=width ** -0.5)
+        nn.init.zeros_(self.gru.bias_ih_l0)
+        nn.init.zeros_(self.gru.bias_hh_l0)
         self.out = nn.Linear(width, classes)
 
     def forward(self, x):
