@@ -88,7 +88,7 @@ def test_marginal_likelihood_training_increases_it(setup):
         opt.step()
     after = mll().item()
     assert after > before + 0.05, (before, after)
-    assert all(math.isfinite(float(v)) and float(v) > 0 for v in kernel.variances.values())
+    assert all(math.isfinite(v.item()) and v.item() > 0 for v in kernel.variances.values())
 
 
 def test_bad_inputs(setup):

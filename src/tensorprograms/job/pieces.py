@@ -62,7 +62,7 @@ def build_limit(factory: Factory, x: torch.Tensor):
 
 
 def limit_accuracy(factory: Factory, data: Dataset, noise: float = 1e-6,
-                   ntk_data: Dataset | None = None, limit=None) -> LimitResult:
+                   ntk_data: Dataset | None = None, limit=None, progress: bool = True) -> LimitResult:
     """NNGP and NTK test accuracy by one-hot regression: the NNGP's GP posterior mean on
     ``data`` and the NTK's gradient flow at t = ∞ on ``ntk_data`` (default ``data``; the
     NTK costs more per pair). All of each data set is used: subsample first. ``noise`` is
@@ -77,9 +77,10 @@ def limit_accuracy(factory: Factory, data: Dataset, noise: float = 1e-6,
         res.reason = reason
         return res
     try:
-        for kind, d in (("nngp", data), ("ntk", ntk_data)):
-            if d.x_train.shape[0] == 0:
-                continue
+        steps = [(kind, d) for kind, d in (("nngp", data), ("ntk", ntk_data)) if d.x_train.shape[0]]
+        bar = tqdm(steps, desc="  limit kernels", leave=False, disable=not progress)
+        for kind, d in bar:
+            bar.set_postfix_str(f"{kind.upper()} on {d.x_train.shape[0] + d.x_test.shape[0]} inputs")
             blocks = limit_kernels(lim, d.x_train, d.x_test, ntk=(kind == "ntk"))
             k = blocks[kind]
             Y = one_hot(d.y_train, data.classes)

@@ -85,7 +85,8 @@ def evaluate(data: Dataset, spec: ModelSpec, train: TrainConfig, noise: float,
         row.limit = LimitResult(reason=reason, n_train=spec.n_train, n_test=spec.n_test)
         row.convergence = reason if spec.convergence_widths else None
     else:
-        row.limit = limit_accuracy(spec.factory, sub, noise=noise, ntk_data=ntk_sub, limit=lim)
+        row.limit = limit_accuracy(spec.factory, sub, noise=noise, ntk_data=ntk_sub, limit=lim,
+                                   progress=progress)
         if spec.convergence_widths:
             row.convergence = kernel_convergence(spec.factory, sub.x_test[:convergence_inputs],
                                                  spec.convergence_widths, progress=progress, limit=lim)
