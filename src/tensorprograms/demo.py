@@ -20,7 +20,7 @@ from .job.report import ModelSpec, run
 # also spans position pairs: measured (2 busy cores) 0.03 s per input pair for the CNN NTK
 # vs 0.0001 for the MLP's; see docs/predict.md. GRU sizes are guesses until the frontend
 # supports nn.GRU (branch `rnn`): measure and adjust then.
-SIZES = {"MLP": (400, 300), "CNN": (400, 300), "GRU": (100, 100)}
+SIZES = {"MLP": (400, 300), "CNN": (200, 150), "GRU": (100, 100)}
 NTK_SIZES = {
     "MNIST-1D": {"MLP": (300, 200), "CNN": (40, 30), "GRU": (40, 30)},
     "digits": {"MLP": (300, 200), "CNN": (0, 0), "GRU": (0, 0)},
