@@ -22,7 +22,7 @@ from .job.report import ModelSpec, run
 # supports nn.GRU (branch `rnn`): measure and adjust then.
 SIZES = {"MLP": (400, 300), "CNN": (200, 150), "GRU": (100, 100)}
 NTK_SIZES = {
-    "MNIST-1D": {"MLP": (300, 200), "CNN": (40, 30), "GRU": (40, 30)},
+    "MNIST-1D": {"MLP": (300, 200), "CNN": (30, 20), "GRU": (30, 20)},
     "digits": {"MLP": (300, 200), "CNN": (0, 0), "GRU": (0, 0)},
 }
 WIDTHS = {"MLP": (32, 128, 512), "CNN": (16, 64, 256), "GRU": (16, 64, 128)}
