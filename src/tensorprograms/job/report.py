@@ -137,7 +137,9 @@ def _plots(rows: Sequence[Row], out: Path) -> list[str]:
             if r.limit is not None and r.limit.reason is None:
                 ax.axhline(100 * r.limit.nngp, color=color, ls="--", lw=1, label=f"{r.model} NNGP")
                 if r.limit.ntk is not None:
-                    ax.axhline(100 * r.limit.ntk, color=color, ls=":", lw=1.5, label=f"{r.model} NTK")
+                    own = (r.limit.ntk_n_train, r.limit.ntk_n_test) != (r.limit.n_train, r.limit.n_test)
+                    size = f" ({r.limit.ntk_n_train}/{r.limit.ntk_n_test})" if own else ""
+                    ax.axhline(100 * r.limit.ntk, color=color, ls=":", lw=1.5, label=f"{r.model} NTK{size}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width")
         ax.set_ylabel("test accuracy (%)")
@@ -178,8 +180,9 @@ def write_report(rows: Sequence[Row], baselines, out: Path, train: TrainConfig, 
           f"Total time {seconds:.0f} s wall, {time.process_time():.0f} s CPU in this process "
           f"(torch threads: {torch.get_num_threads()}).", "",
           "Finite networks: minibatch SGD on cross-entropy (momentum "
-          f"{train.momentum}, lr {train.lr}, batch {train.batch_size}, {train.epochs} epochs, PyTorch's "
-          "default initialization, one seed). Limits: one-hot regression on the same training subsample "
+          f"{train.momentum}, lr {train.lr}, batch {train.batch_size}, {train.epochs} epochs, "
+          "one seed; PyTorch's default initialization except the GRU's, stated in "
+          "`tensorprograms/job/models.py`). Limits: one-hot regression on the same training subsample "
           "— the NNGP's GP posterior mean and the NTK's gradient flow to convergence (t = ∞, i.e. NTK "
           f"kernel regression), noise/ridge {noise} — predicting the argmax. `train / test` are the "
           "subsample sizes (kernel costs grow with the number of input pairs, and for CNNs with position "
