@@ -20,10 +20,10 @@ from .job.report import ModelSpec, run
 # also spans position pairs: measured (2 busy cores) 0.03 s per input pair for the CNN NTK
 # vs 0.0001 for the MLP's; see docs/predict.md. GRU sizes are guesses until the frontend
 # supports nn.GRU (branch `rnn`): measure and adjust then.
-SIZES = {"MLP": (400, 300), "CNN": (200, 150), "GRU": (100, 100)}
+SIZES = {"MLP": (1000, 500), "CNN": (400, 300), "GRU": (100, 100)}
 NTK_SIZES = {
-    "MNIST-1D": {"MLP": (300, 200), "CNN": (30, 20), "GRU": (30, 20)},
-    "digits": {"MLP": (300, 200), "CNN": (0, 0), "GRU": (0, 0)},
+    "MNIST-1D": {"MLP": (500, 300), "CNN": (60, 40), "GRU": (30, 20)},
+    "digits": {"MLP": (500, 300), "CNN": (0, 0), "GRU": (0, 0)},
 }
 WIDTHS = {"MLP": (32, 128, 512), "CNN": (16, 64, 256), "GRU": (16, 64, 128)}
 CONVERGENCE_WIDTHS = (64, 256, 1024)
