@@ -175,6 +175,11 @@ class InfiniteWidthRegressor(RegressorMixin, _InfiniteWidthBase):
         widths: the two capture widths of ``tp.infinite_width``.
     """
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True  # 2-D y: one column per output unit, one kernel
+        return tags
+
     def fit(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True, multi_output=True)
         self._fit_targets(X, y)
