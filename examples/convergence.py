@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 import tensorprograms as tp
+from tensorprograms.attention_models import transformer_block
 from tensorprograms.factory import build, eval_mode
 from tensorprograms.frontend import read_initialization
 
@@ -66,9 +67,15 @@ def _sequences() -> torch.Tensor:
     return torch.randn(N, T, D, generator=torch.Generator().manual_seed(0))
 
 
+def _positions() -> torch.Tensor:
+    return torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(0))
+
+
 MODELS: dict[str, tuple[Callable[[int], nn.Module], Callable[[], torch.Tensor]]] = {
     "rnn": (lambda n: Recurrent(n, "rnn"), _sequences),
     "gru": (lambda n: Recurrent(n, "gru"), _sequences),
+    # a pre-norm 1/d-attention block (tensorprograms.attention_models)
+    "transformer": (transformer_block, _positions),
 }
 
 

@@ -16,6 +16,7 @@ from . import (
     matrix_laws,
     mup,
     parametrization,
+    predict,
     program,
 )
 from .blocked import kernel_matrix
@@ -25,6 +26,18 @@ from .master import ProgramLimit, master_theorem
 from .program import FiniteWidthRun, Matrix, Program, Scalar, Vector, simulate
 
 __version__ = "0.1.0"
+
+# Optional-extra modules, imported on first use: ``tp.sklearn`` (scikit-learn) and
+# ``tp.gpytorch`` (gpytorch); each raises an ImportError naming the extra when it is missing.
+_OPTIONAL = ("sklearn", "gpytorch")
+
+
+def __getattr__(name: str):
+    if name in _OPTIONAL:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "ExpectationError",
@@ -49,6 +62,7 @@ __all__ = [
     "matrix_laws",
     "mup",
     "parametrization",
+    "predict",
     "program",
     "simulate",
 ]

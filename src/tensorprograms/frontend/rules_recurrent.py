@@ -170,6 +170,8 @@ def _row_blocks(low: Lowering, node: fx.Node, bounds: list[tuple[int, int]]) -> 
         else:
             (x_n, w_n), bias_n = node.args[:2], None
         wt = low.env[w_n.name]
+        if isinstance(wt, BatchedWeight):
+            wt = wt.weight
         if not isinstance(wt, (ParamT, ParamTB)):
             raise low.unsupported("splitting the output of a product with a non-weight operand")
         W, x = wt.param, low.env[x_n.name]
