@@ -355,3 +355,33 @@ def test_variance_override_changes_the_readout(x):
     from .models import SB2, SW2
 
     torch.testing.assert_close(over - SB2, (base - SB2) * 3.0 / SW2, rtol=1e-12, atol=0)
+
+
+def test_finite_fan_in_variance_must_not_depend_on_width():
+    """An input layer or embedding table with a width-dependent (or zero) variance gets an
+    error naming the parameter, both variances and the fix."""
+
+    class Scaled(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.inp, self.out = nn.Linear(3, width), nn.Linear(width, 2)
+            nn.init.normal_(self.inp.weight, std=width ** -0.5)  # shrinks with width: wrong
+
+        def forward(self, x):
+            return self.out(torch.relu(self.inp(x)))
+
+    with pytest.raises(tp.WidthError, match=r"inp\.weight has a finite fan-in.*read .* at width 64.*"
+                                            r"at width 128.*nn\.init\.normal_"):
+        tp.infinite_width(Scaled, torch.randn(4, 3))
+
+    class Table(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(5, width), nn.Linear(width, 2)
+            nn.init.normal_(self.emb.weight, std=width ** -0.5)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids).mean(1))
+
+    with pytest.raises(tp.WidthError, match=r"emb\.weight has a finite fan-in.*Embedding's default"):
+        tp.infinite_width(Table, torch.tensor([[0, 1], [2, 3]]))

@@ -212,32 +212,33 @@ class Lowering:
         self._matrices[p.name] = self.new_matrix(p.name, _tp_name(p.name), sigma2)
         return self._matrices[p.name]
 
+    def input_variance(self, p: Param, hint: str = ""):
+        """Per-entry variance of a finite-fan-in parameter (input layer, embedding table): it
+        must be positive and the same at both capture widths."""
+        hint = hint or "Initialize it with e.g. nn.init.normal_(w, std=σ/sqrt(fan_in))."
+        v1, v2 = self.init_variance(p)
+        if not math.isclose(v1, v2, rel_tol=1e-9) or v1 <= 0:
+            w1, w2 = self.c.widths
+            raise WidthError(
+                f"parameter {p.name} has a finite fan-in, so its per-entry variance must be "
+                f"positive and independent of the width; read {v1:.4g} at width {w1} and "
+                f"{v2:.4g} at width {w2}. {hint}"
+            )
+        return self.v(p)
+
     def columns(self, p: Param):
         """Columns of a weight with finite fan-in: an initial vector of finite shape (d,)."""
         if p.name not in self._columns:
-            v1, v2 = self.init_variance(p)
-            if not math.isclose(v1, v2, rel_tol=1e-9):
-                raise WidthError(
-                    f"parameter {p.name} has a finite fan-in but its variance changes with "
-                    f"width ({v1:.4g} vs {v2:.4g}); an input layer's variance must not depend on width."
-                )
             d = p.shape[1]
-            if v1 <= 0:
-                raise WidthError(f"parameter {p.name} is initialized to a constant.")
-            self._columns[p.name] = self.new_vector(p.name, _tp_name(p.name), shape=(d,), variance=self.v(p))
+            self._columns[p.name] = self.new_vector(p.name, _tp_name(p.name), shape=(d,),
+                                                    variance=self.input_variance(p))
         return self._columns[p.name]
 
     def columns_conv(self, p: Param, fan_in: int):
         """A first-layer convolution's filters: an initial vector of finite shape (C_in·K,)."""
         if p.name not in self._columns:
-            v1, v2 = self.init_variance(p)
-            if not math.isclose(v1, v2, rel_tol=1e-9) or v1 <= 0:
-                raise WidthError(
-                    f"parameter {p.name} has a finite fan-in but its variance changes with width "
-                    f"({v1:.4g} vs {v2:.4g}) or is zero."
-                )
             self._columns[p.name] = self.new_vector(
-                p.name, _tp_name(p.name), shape=(fan_in,), variance=self.v(p)
+                p.name, _tp_name(p.name), shape=(fan_in,), variance=self.input_variance(p)
             )
         return self._columns[p.name]
 

@@ -33,8 +33,8 @@ from ..errors import UnsupportedOperation
 from ..program import functions as F
 from ..program.variables import Vector
 from .capture import source_line
-from .lower import APPLY_HOOKS, CHECKS, RULES, Lowering, _gather_vec, _linear_layer, _scalar_expr, rule
-from .values import Concat, Data, Merged, Param, ParamT, Sca, Tuple_, Vec
+from .lower import APPLY_HOOKS, CHECKS, Lowering, _gather_vec, _scalar_expr, rule
+from .values import Concat, Data, Merged, Param, ParamT, ParamTB, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
 
@@ -64,14 +64,6 @@ class HeadVec:
     heads: int
     f: torch.Tensor
     head: torch.Tensor
-
-
-@dataclass
-class BatchedWeight:
-    """``W.T`` expanded over a batch dim: how ``nn.Linear`` on a non-contiguous 3-D input
-    exports (``bmm(x, expand(W.T))``)."""
-
-    weight: ParamT
 
 
 # ---------------------------------------------------------------------- index codes
@@ -120,7 +112,7 @@ def _index(x: Vec | HeadVec) -> tuple[torch.Tensor, torch.Tensor, int]:
 # ---------------------------------------------------------------------- hooks
 
 def _abstract(a) -> bool:
-    return isinstance(a, (Vec, HeadVec, Param, ParamT, Tuple_, Merged, Concat, BatchedWeight))
+    return isinstance(a, (Vec, HeadVec, Param, ParamT, Tuple_, Merged, Concat))
 
 
 def _flat(xs):
@@ -165,17 +157,11 @@ def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
             "no rule yet: its limit needs the law of its coordinates, which the frontend does not "
             "read. Use a learned positional embedding (nn.Embedding over positions) instead."
         )
-    if op in SHAPE_OPS and isinstance(x, (ParamT, BatchedWeight)) and op != aten.permute.default:
+    if op in SHAPE_OPS and isinstance(x, ParamT) and op != aten.permute.default:
         new = tuple(low.shape(node))
         if new[-2:] != tuple(low.shape(node.args[0]) if isinstance(node.args[0], fx.Node) else ())[-2:]:
             raise low.unsupported("a shape operation on a weight")
-        return BatchedWeight(x if isinstance(x, ParamT) else x.weight)
-    if op == aten.bmm.default and isinstance(args[1], BatchedWeight):
-        if isinstance(x, Data):  # a recurrent input projection (rules_recurrent)
-            return RULES[aten.bmm.default](low, node, args)
-        if not isinstance(x, Vec):
-            raise low.unsupported("a linear layer applied to something other than an activation")
-        return _linear_layer(low, node, x, args[1].weight, None)
+        return ParamTB(x.param)
     if op == aten.add.Tensor and len(args) == 2 and isinstance(x, Vec) and isinstance(args[1], Param) \
             and len(args[1].shape) == 1 and not kwargs and not x.pending and x.var.is_gaussian:
         b = low.bias(args[1])  # the bias of a linear layer exported as bmm + add

@@ -10,11 +10,8 @@ looking tokens up is a gather over that finite index: a LinComb.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..errors import WidthError
 from .lower import Lowering, _tp_name, rule
 from .values import Data, Param, Vec
 
@@ -34,17 +31,11 @@ def _embedding(low: Lowering, node, args, padding_idx=-1, scale_grad_by_freq=Fal
         raise low.unsupported("an embedding looked up with indices computed from activations")
     if low.init_mean(weight) != (0.0, 0.0):
         raise low.unsupported(f"the embedding {weight.name} has a nonzero initial mean")
-    v1, v2 = low.init_variance(weight)
-    if not math.isclose(v1, v2, rel_tol=1e-9) or v1 <= 0:
-        raise WidthError(
-            f"embedding {weight.name}: per-entry variance {v1:.4g} at width {low.c.widths[0]} and "
-            f"{v2:.4g} at width {low.c.widths[1]}; an input layer's variance must be positive and "
-            "not depend on the width (nn.Embedding's default N(0, 1) is)."
-        )
     V = weight.shape[0]
     if weight.name not in low._columns:
+        v = low.input_variance(weight, "nn.Embedding's default N(0, 1) qualifies.")
         low._columns[weight.name] = low.new_vector(weight.name, _tp_name(weight.name), shape=(V,),
-                                                   variance=low.v(weight))
+                                                   variance=v)
     table = low._columns[weight.name]
     index = ids.value.long()
     if index.numel() and (index.min() < 0 or index.max() >= V):

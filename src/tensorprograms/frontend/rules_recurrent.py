@@ -29,17 +29,14 @@ standard error (``ProgramLimit.report()``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from ..errors import WidthError
 from ..program.variables import Vector
 from . import lower
 from .lower import Lowering, _concrete, _tp_name, check_fan_in_scaling, pointwise, rule
-from .rules_attention import BatchedWeight
-from .values import Concat, Data, NodeView, Param, ParamT, Tuple_, Vec
+from .values import Concat, Data, NodeView, Param, ParamT, ParamTB, Tuple_, Vec
 
 aten = torch.ops.aten
 
@@ -48,11 +45,6 @@ lower.CONCAT_OPS.update({aten.bmm.default, aten.select.int, aten.slice.Tensor, a
                          aten._unsafe_view.default, aten.squeeze.dims, aten.squeeze.dim,
                          aten.unsqueeze.default, aten.permute.default, aten.mean.dim,
                          aten.clone.default, aten.expand.default, aten.flip.default, aten.cat.default})
-
-
-@dataclass
-class ParamTB(ParamT):
-    """``W.T`` expanded over a leading batch dim (how ``bmm`` input projections export)."""
 
 
 # ---------------------------------------------------------------------- helpers
@@ -74,16 +66,11 @@ def _block_columns(low: Lowering, W: Param, start: int, stop: int):
     """Rows ``start:stop`` of an input-layer weight (finite fan-in d): an initial vector (d,)."""
     key = _row_key(W, start, stop)
     if key not in low._columns:
-        v1, v2 = low.init_variance(W)
-        if not math.isclose(v1, v2, rel_tol=1e-9) or v1 <= 0:
-            raise WidthError(
-                f"parameter {W.name} has a finite fan-in but its variance changes with width "
-                f"({v1:.4g} vs {v2:.4g}) or is zero. PyTorch's default RNN init (U(±1/√hidden)) "
-                "does this; initialize input weights with variance σ²/input_size, e.g. "
-                "nn.init.normal_(w, std=σ/sqrt(input_size))."
-            )
+        v = low.input_variance(
+            W, "PyTorch's default RNN init (U(±1/√hidden)) does this; initialize input weights "
+            "with variance σ²/input_size, e.g. nn.init.normal_(w, std=σ/sqrt(input_size)).")
         low._columns[key] = low.new_vector(W.name, f"{_tp_name(W.name)}_r{start}_{stop}",
-                                           shape=(W.shape[1],), variance=low.v(W))
+                                           shape=(W.shape[1],), variance=v)
     return low._columns[key]
 
 
@@ -170,9 +157,7 @@ def _row_blocks(low: Lowering, node: fx.Node, bounds: list[tuple[int, int]]) -> 
         else:
             (x_n, w_n), bias_n = node.args[:2], None
         wt = low.env[w_n.name]
-        if isinstance(wt, BatchedWeight):
-            wt = wt.weight
-        if not isinstance(wt, (ParamT, ParamTB)):
+        if not isinstance(wt, ParamT):
             raise low.unsupported("splitting the output of a product with a non-weight operand")
         W, x = wt.param, low.env[x_n.name]
         out = []
@@ -330,8 +315,6 @@ _bmm0 = lower.RULES.get(aten.bmm.default)  # attention products (rules_attention
 def _bmm(low: Lowering, node, args):
     """``x @ W.T`` batched over time (recurrent input projections); else attention (q·kᵀ, a·v)."""
     x, wt = args
-    if isinstance(wt, BatchedWeight):  # the attention hook's name for an expanded W.T
-        wt = ParamTB(wt.weight.param)
     if not isinstance(wt, ParamTB):
         if _bmm0 is not None:
             return _bmm0(low, node, args)
@@ -362,7 +345,7 @@ _shape_op0 = lower.RULES[aten.view.default]
 def _param_shape_op(low: Lowering, node, args, **kwargs):
     """Shape op on finite dims (a gather; flatten before a readout); ``W.T`` expanded for ``bmm``."""
     x = args[0]
-    if isinstance(x, (ParamT, ParamTB)):
+    if isinstance(x, ParamT):
         W = x.param
         shape = low.shape(node)
         if tuple(shape[-2:]) != (W.shape[1], W.shape[0]):

@@ -87,6 +87,12 @@ class ParamT:
 
 
 @dataclass
+class ParamTB(ParamT):
+    """``W.T`` expanded over a leading batch dim: how ``nn.Linear`` on a 3-D input and
+    batch-first recurrent input projections export (``bmm(x, expand(W.T))``)."""
+
+
+@dataclass
 class Tuple_:
     items: tuple
 
