@@ -337,6 +337,30 @@ def test_ntk_matches_empirical(x, name):
     assert z < Z, f"max |MC - limit| / SE = {z:.2f}"
 
 
+def _layernorm_only(model: nn.Module) -> nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_(".ln" in name)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
+def test_layernorm_gain_ntk_of_attention_block_matches_empirical(x, norm_first):
+    """Trainable LayerNorm gains and shifts (init 1, 0) of a transformer block, the only
+    trainable parameters, in the standard parametrization (in the NTK one their init variance
+    0 gives them no term): their NTK terms through attention, residuals and the feed-forward
+    vs the mean empirical NTK of the module at width 1024. Without the terms the limit is 0."""
+
+    def factory(w):
+        return _layernorm_only(SequenceModel(w, [TransformerBlock(w, heads=2, norm_first=norm_first)]))
+
+    width = 1024
+    theta = tp.infinite_width(factory, x, parametrization="standard", nominal_width=width).ntk(x)
+    emp = ntk_mean(factory, width, x, samples=32, seed=5, parametrization="standard")
+    z = ((emp.mean - theta).abs() / emp.stderr).max()
+    assert z < Z, f"max |MC - limit| / SE = {z:.2f}"
+
+
 @pytest.mark.slow
 def test_query_key_weights_drop_out_of_the_ntk(x):
     """With 1/d logits, ∂f/∂W_Q reaches the output only through the logits: the logits'
