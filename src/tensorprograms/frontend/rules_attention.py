@@ -33,7 +33,7 @@ from ..errors import UnsupportedOperation
 from ..program import functions as F
 from ..program.variables import Vector
 from .capture import source_line
-from .lower import APPLY_HOOKS, CHECKS, Lowering, _gather_vec, _scalar_expr, rule
+from .lower import APPLY_HOOKS, BUFFER_CONSUMERS, CHECKS, Lowering, _gather_vec, _scalar_expr, rule
 from .values import Concat, Data, Merged, Param, ParamT, ParamTB, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
@@ -135,10 +135,6 @@ def _buffers(low: Lowering) -> set[str]:
     return {name for name, _ in low.c.modules[0].named_buffers()}
 
 
-BUFFER_OPS = {aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
-              aten._native_batch_norm_legit_no_training.default}
-
-
 def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
     """Ops on deterministic scalars (logits, masks, softmax) and on head-split activations."""
     flat = list(_flat(list(args) + list(kwargs.values())))
@@ -148,8 +144,8 @@ def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
         return _scalar_expr(low, node, args, kwargs)  # any op of deterministic scalars
     x = args[0] if args else None
     params = [a for a in flat if isinstance(a, Param) and a.width_axes]
-    # batch norm's running statistics are the buffers its own rules read
-    buffers = [a for a in params if a.name in _buffers(low)] if params and op not in BUFFER_OPS else []
+    # rules declared with consumes_buffers (batch norm's running statistics) read them
+    buffers = [a for a in params if a.name in _buffers(low)] if params and op not in BUFFER_CONSUMERS else []
     if buffers and any(isinstance(a, (Vec, HeadVec)) for a in flat):
         raise low.unsupported(
             f"the width-sized buffer {buffers[0].name} is combined with an activation. A "
