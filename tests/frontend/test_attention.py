@@ -478,6 +478,15 @@ def test_sinusoidal_table_is_read_back():
     assert read_positions(torch.randn(4, 64)) is None
 
 
+def test_sinusoidal_encoding_ntk_matches_empirical(x):
+    """The encoding has no parameters and is shared by the batch: the NTK's backward pass
+    gives it no cotangent; the rest is the embedding's and readout's terms."""
+    theta = tp.infinite_width(Sinusoidal, x).ntk(x)
+    emp = ntk_mean(Sinusoidal, WIDTH, x, samples=16, seed=1, parametrization="ntk")
+    z = ((emp.mean - theta).abs() / emp.stderr).max()
+    assert z < Z, f"max |MC - limit| / SE = {z:.2f}"
+
+
 @pytest.mark.slow
 def test_sinusoidal_transformer_monte_carlo(x):
     """A pre-norm transformer block on embedded inputs plus the sinusoidal table, mean
