@@ -283,8 +283,8 @@ class InfiniteWidthLimit:
         with standard error the spread over √seeds (:func:`tp.master.over_seeds`). Unlike the
         engine's per-expectation errors this includes the Monte Carlo error of every layer
         below (GRU/LSTM gates, batch norm, max-pool). A limit without Monte Carlo
-        expectations is computed once and has a zero standard error. The results are
-        detached (no gradients to ``hyperparameters``).
+        expectations is computed once and has a zero standard error; otherwise the mean
+        over seeds is detached (no gradients to ``hyperparameters``).
         """
         if stderr:
             return over_seeds(lambda engine: self._nngp(x1, x2, engine), seeds)
