@@ -23,7 +23,6 @@ returns a plain ``nn.Module`` (hidden sizes proportional to ``width``) whose rea
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Callable
 
@@ -40,16 +39,6 @@ from tensorprograms.frontend import read_initialization
 D, T, N, K_OUT = 3, 5, 4, 16  # input features, time steps, batch, readout units
 
 
-def _init_normal(module: nn.Module, sw2: float = 1.5, sb2: float = 0.1) -> nn.Module:
-    """Weights N(0, sw2/fan_in), biases N(0, sb2): a width-independent input layer."""
-    for name, p in module.named_parameters():
-        if "weight" in name:
-            nn.init.normal_(p, std=math.sqrt(sw2 / p.shape[1]))
-        else:
-            nn.init.normal_(p, std=math.sqrt(sb2))
-    return module
-
-
 class Recurrent(nn.Module):
     """``nn.RNN`` (tanh) or ``nn.GRU`` over the sequence, read out from the last state."""
 
@@ -57,7 +46,7 @@ class Recurrent(nn.Module):
         super().__init__()
         self.rnn = {"rnn": nn.RNN, "gru": nn.GRU}[kind](D, width, batch_first=True)
         self.out = nn.Linear(width, K_OUT)
-        _init_normal(self)
+        tp.init.normal_(self, 1.5, 0.1)  # weights N(0, 1.5/fan_in), biases N(0, 0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.rnn(x)[0][:, -1])

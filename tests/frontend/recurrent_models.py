@@ -1,28 +1,24 @@
 """Recurrent test models (plain PyTorch), with initializations stated in code.
 
-``init_normal_`` gives every weight N(0, σ_w²/fan_in) and every bias N(0, σ_b²): the
-width-independent input-layer variance an infinite-width limit needs (PyTorch's default
-RNN init, U(±1/√hidden) for every weight, makes the input weights vanish with width).
+``init_normal_`` (``tp.init.normal_`` with this file's σ²) gives every weight
+N(0, σ_w²/fan_in) and every bias N(0, σ_b²): the width-independent input-layer variance
+an infinite-width limit needs (PyTorch's default RNN init, U(±1/√hidden) for every weight,
+makes the input weights vanish with width).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+import tensorprograms as tp
 
 D = 3  # input features per time step
 SW2, SB2 = 1.5, 0.1
 
 
 def init_normal_(module: nn.Module, sw2: float = SW2, sb2: float = SB2) -> nn.Module:
-    for name, p in module.named_parameters():
-        if "weight" in name:
-            nn.init.normal_(p, std=math.sqrt(sw2 / p.shape[1]))
-        else:
-            nn.init.normal_(p, std=math.sqrt(sb2))
-    return module
+    return tp.init.normal_(module, sw2, sb2)
 
 
 class Fused(nn.Module):

@@ -4,6 +4,8 @@ settings without a limit are rejected with errors naming the op and the source l
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ import tensorprograms as tp
 from tensorprograms.attention_models import SelfAttention, SequenceModel, TransformerBlock
 from tensorprograms.empirical import nngp as empirical_nngp
 from tensorprograms.empirical import ntk_mean
+from tensorprograms.frontend.rules_positional import sinusoidal_table
 
 from .reference import apply_pair, relu_pair
 
@@ -254,6 +257,25 @@ def test_multihead_attention_module_is_rejected(x):
     _error(lambda w: MHA(w), x, "1/√d", "mha-line", "nn.MultiheadAttention")
 
 
+def test_multihead_attention_with_heads_growing_with_width_is_rejected(x):
+    """num_heads ∝ width (head dim 8): the error names the construction and the fix."""
+
+    class ManyHeads(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.embed = nn.Linear(D_IN, width)
+            self.attn = nn.MultiheadAttention(width, width // 8, batch_first=True)
+            self.out = nn.Linear(width, 1)
+            tp.init.normal_(self, 1.0, 0.1)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))  # heads-line
+
+    _error(lambda w: ManyHeads(w), x, "grows with width", "heads of fixed size 8", "Infinite attention",
+           "scale=1/head_dim", "heads-line")
+
+
 def test_transformer_encoder_layer_is_rejected(x):
     class Encoder(nn.Module):
         def __init__(self, width):
@@ -337,6 +359,30 @@ def test_ntk_matches_empirical(x, name):
     assert z < Z, f"max |MC - limit| / SE = {z:.2f}"
 
 
+def _layernorm_only(model: nn.Module) -> nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_(".ln" in name)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
+def test_layernorm_gain_ntk_of_attention_block_matches_empirical(x, norm_first):
+    """Trainable LayerNorm gains and shifts (init 1, 0) of a transformer block, the only
+    trainable parameters, in the standard parametrization (in the NTK one their init variance
+    0 gives them no term): their NTK terms through attention, residuals and the feed-forward
+    vs the mean empirical NTK of the module at width 1024. Without the terms the limit is 0."""
+
+    def factory(w):
+        return _layernorm_only(SequenceModel(w, [TransformerBlock(w, heads=2, norm_first=norm_first)]))
+
+    width = 1024
+    theta = tp.infinite_width(factory, x, parametrization="standard", nominal_width=width).ntk(x)
+    emp = ntk_mean(factory, width, x, samples=32, seed=5, parametrization="standard")
+    z = ((emp.mean - theta).abs() / emp.stderr).max()
+    assert z < Z, f"max |MC - limit| / SE = {z:.2f}"
+
+
 @pytest.mark.slow
 def test_query_key_weights_drop_out_of_the_ntk(x):
     """With 1/d logits, ∂f/∂W_Q reaches the output only through the logits: the logits'
@@ -360,12 +406,12 @@ def test_query_key_weights_drop_out_of_the_ntk(x):
     assert (large.mean.diagonal() < 1e-2 * full.diagonal()).all()
 
 
-def test_sinusoidal_buffer_is_rejected(x):
-    class Sinusoidal(SDPA):
-        def __init__(self, width):
+def test_non_sinusoidal_buffer_is_rejected(x):
+    class Buffer(SDPA):
+        def __init__(self, width, base=100.0):
             super().__init__(width)
             pos = torch.arange(T, dtype=torch.float64)[:, None]
-            freq = 10000.0 ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)
+            freq = base ** (-torch.arange(0, width, 2, dtype=torch.float64) / width)  # not 10000
             pe = torch.zeros(T, width)
             pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
             self.register_buffer("pe", pe)
@@ -373,7 +419,86 @@ def test_sinusoidal_buffer_is_rejected(x):
         def forward(self, x):
             return self.out((self.embed(x) + self.pe).mean(1))  # pe-line
 
-    _error(lambda w: Sinusoidal(w), x, "buffer pe", "pe-line", "nn.Embedding")
+    _error(lambda w: Buffer(w), x, "buffer pe", "pe-line", "sinusoidal", "nn.Embedding")
+
+
+class Sinusoidal(nn.Module):
+    """Input layer plus the standard sinusoidal table (a buffer of ``max_len`` rows, sliced
+    to the sequence), then ``blocks``; readout by fixed weights over positions (all pairs of
+    positions count, with different weights) or a mean."""
+
+    WEIGHTS = (1.0, -0.5, 0.7, 0.3)
+
+    def __init__(self, width, blocks=(), layout="interleaved", max_len=8, readout="weights"):
+        super().__init__()
+        self.embed = nn.Linear(D_IN, width)
+        tp.init.normal_(self.embed, 1.0, 0.25)
+        self.register_buffer("pe", sinusoidal_table(torch.arange(max_len), width, layout).float())
+        self.blocks = nn.Sequential(*blocks)
+        self.out = tp.init.normal_(nn.Linear(width, 1, bias=False), 1.0)
+        self.readout = readout
+
+    def forward(self, x):
+        h = self.blocks(self.embed(x) + self.pe[: x.shape[1]])
+        if self.readout == "mean":
+            return self.out(h.mean(1))
+        return self.out(sum(w * h[:, p] for p, w in enumerate(self.WEIGHTS)))
+
+
+def pe_gram(t: int) -> np.ndarray:
+    """E[PE_p PE_q] = ½ ∫_0^1 cos((p − q)·10000^(−u)) du (scipy quadrature, independent of
+    the library): half the coordinates are sines and half cosines of the same frequencies,
+    sin·sin + cos·cos = cos of the difference, and u = 2i/d is uniform on [0, 1)."""
+    from scipy.integrate import quad
+
+    def entry(k):
+        return 0.5 * quad(lambda u: math.cos(k * 10000.0 ** (-u)), 0.0, 1.0, epsabs=1e-14, limit=200)[0]
+
+    return np.array([[entry(p - q) for q in range(t)] for p in range(t)])
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "halves"])
+def test_sinusoidal_encoding_gram_equals_integral(x, layout):
+    """Readout Σ_p w_p (embed(x_p) + PE_p): NNGP = Σ_pq w_p w_q (⟨x_p, x'_q⟩/d_in + σ_b² +
+    E[PE_p PE_q]) — the encoding is independent of the Gaussian embedding — to 1e-10."""
+    K = tp.infinite_width(lambda w: Sinusoidal(w, layout=layout), x).nngp(x).numpy()
+    w = np.array(Sinusoidal.WEIGHTS)
+    X = x.numpy()
+    ref = np.einsum("p,q,apd,bqd->ab", w, w, X, X) / D_IN + 0.25 * w.sum() ** 2 + w @ pe_gram(T) @ w
+    np.testing.assert_allclose(K, ref, rtol=1e-10, atol=0)
+
+
+def test_sinusoidal_table_is_read_back():
+    from tensorprograms.frontend.rules_positional import read_positions
+
+    for layout in ("interleaved", "halves"):
+        table = sinusoidal_table(torch.tensor([0.0, 3.0, 7.0, 100.0]), 64, layout).float()
+        pos, found = read_positions(table)
+        assert found == layout and pos.tolist() == [0.0, 3.0, 7.0, 100.0]
+    assert read_positions(torch.randn(4, 64)) is None
+
+
+def test_sinusoidal_encoding_ntk_matches_empirical(x):
+    """The encoding has no parameters and is shared by the batch: the NTK's backward pass
+    gives it no cotangent; the rest is the embedding's and readout's terms."""
+    theta = tp.infinite_width(Sinusoidal, x).ntk(x)
+    emp = ntk_mean(Sinusoidal, WIDTH, x, samples=16, seed=1, parametrization="ntk")
+    z = ((emp.mean - theta).abs() / emp.stderr).max()
+    assert z < Z, f"max |MC - limit| / SE = {z:.2f}"
+
+
+@pytest.mark.slow
+def test_sinusoidal_transformer_monte_carlo(x):
+    """A pre-norm transformer block on embedded inputs plus the sinusoidal table, mean
+    readout, vs the module at width 1024. LayerNorm of the non-Gaussian sum makes the limit's
+    expectations Monte Carlo: its own SE comes from 4 engine seeds."""
+    def factory(w):
+        return Sinusoidal(w, [TransformerBlock(w, heads=2)], readout="mean")
+
+    K, se = tp.infinite_width(factory, x).nngp(x, stderr=True, seeds=4)
+    emp = empirical_nngp(factory, WIDTH, x, samples=SAMPLES, seed=11)
+    z = ((emp.mean - K).abs() / (emp.stderr**2 + se**2).sqrt()).max()
+    assert z < Z, f"max |MC - limit| / SE = {z:.2f}"
 
 
 def test_attention_dropout_is_rejected(x):

@@ -1,6 +1,11 @@
 """PyTorch models to Tensor Programs: ``tp.infinite_width``."""
 
-from . import rules_batchnorm, rules_embedding, rules_recurrent  # noqa: F401  (they register rules in RULES)
+from . import (  # noqa: F401  (they register rules in RULES and hooks)
+    rules_batchnorm,
+    rules_embedding,
+    rules_positional,
+    rules_recurrent,
+)
 from .init_reader import ParamInit, fan_in_scaling, read_initialization
 from .limit import InfiniteWidthLimit, infinite_width
 from .lower import RULES

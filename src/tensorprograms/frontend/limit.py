@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..master import master_theorem
+from ..master import master_theorem, over_seeds
 from ..parametrization.abc import ABCParametrization
 from ..program.program import Program
 from .capture import Captured, capture
@@ -149,18 +149,29 @@ class InfiniteWidthLimit:
                 "use limit.trainer(...), or parametrization='ntk' for the kernels"
             )
 
-    def ntk(self, x1, x2=None) -> torch.Tensor:
+    def ntk(self, x1, x2=None, *, stderr: bool = False, seeds: int = 8):
         """The NTK ``[N1, N2]`` (float64, per output unit) in this limit's parametrization.
 
         Built by TP II's construction: the backward pass appended to the forward program,
         Θ = Σ over parameters and pairs of their uses of E[dh dh'] ⊙ Cov(h, h'), each
         parameter weighted as its parametrization trains it (see docs/frontend.md, "NTK").
+        With ``stderr=True``: ``(ntk, standard error)`` as for :meth:`nngp`.
         """
+        if stderr:
+            (_, theta), (_, se) = self.kernels(x1, x2, stderr=True, seeds=seeds)
+            return theta, se
         return self.kernels(x1, x2)[1]
 
-    def kernels(self, x1, x2=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def kernels(self, x1, x2=None, *, stderr: bool = False, seeds: int = 8):
         """``(nngp, ntk)``, each ``[N1, N2]``, from one program (the NTK's forward part is the
-        NNGP's program, so the work is shared)."""
+        NNGP's program, so the work is shared). With ``stderr=True``:
+        ``((nngp, ntk), (nngp_stderr, ntk_stderr))`` over ``seeds`` Monte Carlo seeds (see
+        :meth:`nngp`)."""
+        if stderr:
+            return over_seeds(lambda engine: self._kernels(x1, x2, engine), seeds)
+        return self._kernels(x1, x2, master_theorem)
+
+    def _kernels(self, x1, x2, engine) -> tuple[torch.Tensor, torch.Tensor]:
         self._no_kernels_for_mup()
         if self.parametrization == "standard" and self.nominal_width is None:
             raise ValueError(
@@ -182,7 +193,7 @@ class InfiniteWidthLimit:
                 "the model has no trainable parameters (every requires_grad is False): its NTK "
                 "is zero. Unfreeze the parameters you train."
             )
-        contributions, limit = ntk_of(program, out.var, batch, master_theorem,
+        contributions, limit = ntk_of(program, out.var, batch, engine,
                                       trainable=lambda v: grads.get(low.param_of.get(v), False),
                                       ghosts=low.ghosts)
         ghosts = set(low._ghost_prims.values())
@@ -264,12 +275,26 @@ class InfiniteWidthLimit:
             return "input"
         return "hidden" if 0 in axes else "output"
 
-    def nngp(self, x1, x2=None) -> torch.Tensor:
-        """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit."""
+    def nngp(self, x1, x2=None, *, stderr: bool = False, seeds: int = 8):
+        """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit.
+
+        With ``stderr=True`` returns ``(nngp, standard error)``: the kernel is computed with
+        ``seeds`` independent Monte Carlo seeds of the engine and the result is their mean,
+        with standard error the spread over √seeds (:func:`tp.master.over_seeds`). Unlike the
+        engine's per-expectation errors this includes the Monte Carlo error of every layer
+        below (GRU/LSTM gates, batch norm, max-pool). A limit without Monte Carlo
+        expectations is computed once and has a zero standard error; otherwise the mean
+        over seeds is detached (no gradients to ``hyperparameters``).
+        """
+        if stderr:
+            return over_seeds(lambda engine: self._nngp(x1, x2, engine), seeds)
+        return self._nngp(x1, x2, master_theorem)
+
+    def _nngp(self, x1, x2, engine) -> torch.Tensor:
         self._no_kernels_for_mup()
         xs, n1 = self._inputs(x1, x2)
         program, out = self._lower(xs)
-        K = _per_example(master_theorem(program).second_moment(out.var), xs[0].shape[0])
+        K = _per_example(engine(program).second_moment(out.var), xs[0].shape[0])
         return K if x2 is None else K[:n1, n1:]
 
 

@@ -34,12 +34,19 @@ CHECKS: list[Callable[[Lowering], None]] = []
 APPLY_HOOKS: list[Callable[[Lowering, fx.Node, list, dict], Any]] = []
 # ops whose rules accept a width concatenation (``Concat``); others raise a clear error
 CONCAT_OPS: set[Any] = {aten.addmm.default, aten.mm.default}
+# ops whose rules read width-sized buffers themselves (batch norm's running statistics);
+# elsewhere a width-sized buffer met by an activation is an error (rules_attention's hook)
+BUFFER_CONSUMERS: set[Any] = set()
 
 
-def rule(*ops):
+def rule(*ops, consumes_buffers: bool = False):
+    """Register ``fn`` as the rule of ``ops``; ``consumes_buffers``: the rule reads the
+    module's width-sized buffers among its arguments itself."""
     def register(fn: Rule) -> Rule:
         for op in ops:
             RULES[op] = fn
+            if consumes_buffers:
+                BUFFER_CONSUMERS.add(op)
         return fn
 
     return register

@@ -192,6 +192,14 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
         return Q.nonlin(F.product, fwd, d, elementwise=True)
 
     forward = list(Q.instructions)
+    # vectors whose cotangent can reach a parameter: outputs of MatMuls and of LinCombs of
+    # initial vectors, ghost targets, and everything computed from them. Others (a fixed
+    # positional encoding, a Nonlin of auxiliary vectors shared by the batch) get none.
+    reaches: set = {t for _, _, t, _ in ghosts}
+    for ins in forward:
+        if isinstance(ins, MatMul) or (isinstance(ins, (LinComb, Nonlin)) and any(
+                x in reaches or (isinstance(ins, LinComb) and x.kind == "init") for x in ins.xs)):
+            reaches.add(ins.out)
     for ins in reversed(forward):
         out = ins.out
         if not isinstance(out, (Vector, Scalar)) or out not in cot:
@@ -250,6 +258,8 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                 )
             shapes = [x.shape for x in ins.xs]
             for i, x in enumerate(ins.xs):
+                if x not in reaches:
+                    continue
                 if (owners[x] == SHARED).any():
                     raise UnsupportedOperation(
                         f"NTK: {x.name} is shared across the batch inside a nonlinearity"

@@ -33,7 +33,7 @@ from ..errors import UnsupportedOperation
 from ..program import functions as F
 from ..program.variables import Vector
 from .capture import source_line
-from .lower import APPLY_HOOKS, CHECKS, Lowering, _gather_vec, _scalar_expr, rule
+from .lower import APPLY_HOOKS, BUFFER_CONSUMERS, CHECKS, Lowering, _gather_vec, _scalar_expr, rule
 from .values import Concat, Data, Merged, Param, ParamT, ParamTB, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
@@ -135,10 +135,6 @@ def _buffers(low: Lowering) -> set[str]:
     return {name for name, _ in low.c.modules[0].named_buffers()}
 
 
-BUFFER_OPS = {aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
-              aten._native_batch_norm_legit_no_training.default}
-
-
 def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
     """Ops on deterministic scalars (logits, masks, softmax) and on head-split activations."""
     flat = list(_flat(list(args) + list(kwargs.values())))
@@ -148,14 +144,17 @@ def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
         return _scalar_expr(low, node, args, kwargs)  # any op of deterministic scalars
     x = args[0] if args else None
     params = [a for a in flat if isinstance(a, Param) and a.width_axes]
-    # batch norm's running statistics are the buffers its own rules read
-    buffers = [a for a in params if a.name in _buffers(low)] if params and op not in BUFFER_OPS else []
+    # rules declared with consumes_buffers (batch norm's running statistics) read them
+    buffers = [a for a in params if a.name in _buffers(low)] if params and op not in BUFFER_CONSUMERS else []
     if buffers and any(isinstance(a, (Vec, HeadVec)) for a in flat):
         raise low.unsupported(
             f"the width-sized buffer {buffers[0].name} is combined with an activation. A "
-            "deterministic width-sized tensor (e.g. a fixed sinusoidal positional encoding) has "
-            "no rule yet: its limit needs the law of its coordinates, which the frontend does not "
-            "read. Use a learned positional embedding (nn.Embedding over positions) instead."
+            "deterministic width-sized tensor has a limit only if the law of its coordinates is "
+            "known; the one recognized is the standard sinusoidal positional encoding "
+            "(sin/cos of p·10000^(-2i/d), interleaved or in two halves; "
+            "tensorprograms.frontend.rules_positional.sinusoidal_table), checked against the "
+            "formula at both capture widths. Use that table or a learned positional embedding "
+            "(nn.Embedding over positions)."
         )
     if op in SHAPE_OPS and isinstance(x, ParamT) and op != aten.permute.default:
         new = tuple(low.shape(node))
@@ -373,9 +372,42 @@ def _attention_error(where: str, contraction: fx.Node) -> UnsupportedOperation:
         "the logits converge to deterministic E[Z^q Z^k] and the limit exists: use "
         "F.scaled_dot_product_attention(q, k, v, scale=1/head_dim) or "
         "`q @ k.transpose(-2, -1) / head_dim`. nn.MultiheadAttention and "
-        "nn.TransformerEncoderLayer hard-code 1/√d; write the attention with 1/d scaling instead "
-        "(see docs/attention.md)."
+        "nn.TransformerEncoderLayer hard-code 1/√d, so they have no limit with a fixed number of "
+        "heads, and with num_heads ∝ width the infinite-heads limit is not implemented; write the "
+        "attention with 1/d scaling instead (tensorprograms.attention_models.SelfAttention, "
+        "docs/attention.md)."
     )
+
+
+def check_head_count(low: Lowering) -> None:
+    """Reject a split of the width into heads whose *number* grows with width (fixed head
+    size, as ``nn.MultiheadAttention(width, width // k)``): a reshape whose input's last axis
+    is the width and whose output's last axis is finite while another output axis grows."""
+    c = low.c
+    for node in c.nodes:
+        if node.op != "call_function" or node.target not in (
+                aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+            continue
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        d_in, d_out = c.dims.get(src.name) if src is not None else None, c.dims.get(node.name)
+        if d_in is None or d_out is None or not d_out.width_axes:
+            continue
+        last_in, last_out = len(d_in.small) - 1, len(d_out.small) - 1
+        head = d_out.small[-1]
+        if last_in in d_in.width_axes and last_out not in d_out.width_axes and head > 1:
+            raise UnsupportedOperation(
+                f"{node.target} at {source_line(node)}: the width is split into heads of fixed size "
+                f"{head}, so the number of heads grows with width. Each such head's logits "
+                f"q·k/√{head} are sums of {head} terms: random and non-Gaussian at every width, "
+                "different from head to head. Averaged over infinitely many heads by the output "
+                "projection they give a Gaussian-process limit (Hron et al. 2020, 'Infinite "
+                "attention') whose kernel is an expectation over the random logits; that limit is "
+                "not implemented. Limits computed here have deterministic attention: a fixed number "
+                "of heads whose size grows with width, with logits scaled by 1/head_dim: "
+                "F.scaled_dot_product_attention(q, k, v, scale=1/head_dim) or "
+                "softmax(q @ k.transpose(-2, -1) / head_dim) @ v (see "
+                "tensorprograms.attention_models.SelfAttention and docs/attention.md)."
+            )
 
 
 def check_no_randomness(low: Lowering) -> None:
@@ -393,5 +425,6 @@ def check_no_randomness(low: Lowering) -> None:
 
 
 CHECKS.append(check_no_randomness)
+CHECKS.append(check_head_count)
 CHECKS.append(check_width_powers)
 APPLY_HOOKS.append(_hook)

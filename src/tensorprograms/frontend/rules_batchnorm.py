@@ -69,7 +69,8 @@ def _stats_placeholders(node) -> list:
     return [Data(torch.zeros(tuple(v.shape), dtype=torch.float64)) for v in node.meta["val"][1:]]
 
 
-@rule(aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default)
+@rule(aten._native_batch_norm_legit_functional.default, aten._native_batch_norm_legit.default,
+      consumes_buffers=True)
 def _batch_norm_train(low: Lowering, node, args):
     """BatchNorm with batch statistics: a Nonlin over the finite batch (and positions) per channel."""
     x, weight, bias = args[0], args[1], args[2]
@@ -94,7 +95,7 @@ def _batch_norm_train(low: Lowering, node, args):
     return Tuple_((Vec(y, x.shape, x.axis), *_stats_placeholders(node)))
 
 
-@rule(aten._native_batch_norm_legit_no_training.default)
+@rule(aten._native_batch_norm_legit_no_training.default, consumes_buffers=True)
 def _batch_norm_eval(low: Lowering, node, args):
     """BatchNorm with running statistics (eval mode): a constant affine map at initialization."""
     x, weight, bias, running_mean, running_var = args[:5]
@@ -124,6 +125,12 @@ def _batch_norm_eval(low: Lowering, node, args):
         y = low.program.nonlin(lambda u, _a=scale: _a * u, x.var, elementwise=True)
     if weight is not None or bias is not None:
         inv = (var + eps) ** -0.5
-        unit = low.program.nonlin(lambda u, _m=mean, _i=inv: (u - _m) * _i, x.var, elementwise=True)
+        if y.is_gaussian and shift == 0.0 and mean == 0.0:
+            # the normalized input is y / gain: the same G-var when the gain is 1, so the
+            # NTK's expectations see one Gaussian instead of two (y and its input), which
+            # keeps them in closed form or quadrature instead of Monte Carlo
+            unit = y if gain == 1.0 else low.program.lincomb([1.0 / gain], [y])
+        else:
+            unit = low.program.nonlin(lambda u, _m=mean, _i=inv: (u - _m) * _i, x.var, elementwise=True)
         _ghosts(low, weight, bias, y, unit)
     return Tuple_((Vec(y, x.shape, x.axis), *_stats_placeholders(node)))

@@ -2,6 +2,7 @@
 
 from . import closed_form, rules
 from .expectations import BACKENDS, Estimate, Expectations
+from .seeds import over_seeds, used_monte_carlo
 from .theorem import ProgramLimit, Record, master_theorem
 
 __all__ = [
@@ -12,5 +13,7 @@ __all__ = [
     "Record",
     "closed_form",
     "master_theorem",
+    "over_seeds",
     "rules",
+    "used_monte_carlo",
 ]

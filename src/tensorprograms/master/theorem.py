@@ -108,6 +108,8 @@ class ProgramLimit:
             est = self._through_linear(x, y)
         elif (factored := self._independent_product(x, y)) is not None:
             est = factored
+        elif self._independent_of_gaussian(x, y):
+            est = Estimate(torch.zeros(x.shape + y.shape, dtype=torch.float64), None, "independent", 0)
         else:
             fx, fy = self._factor(x), self._factor(y)
             if fx.flat != fy.flat:
@@ -142,6 +144,18 @@ class ProgramLimit:
             se = su * ev.value.abs() + sv * eu.value.abs()
         return Estimate(eu.value * ev.value, se, f"product({eu.backend}, {ev.backend})",
                         max(eu.dim, ev.dim))
+
+    def _independent_of_gaussian(self, x: Vector, y: Vector) -> bool:
+        """E[Z^g ⊗ φ(Z…)] = E[Z^g] ⊗ E[φ] = 0 for a G-var g uncorrelated with (so, jointly
+        Gaussian, independent of) every input of the H-var φ (e.g. a fixed positional
+        encoding added to a Gaussian embedding)."""
+        if x.is_gaussian == y.is_gaussian:
+            return False
+        g, h = (x, y) if x.is_gaussian else (y, x)
+        for leaf in self._leaves(h):
+            if leaf is g or (self._basis.may_correlate(g, leaf) and self._basis.cov(g, leaf).abs().max() > 0):
+                return False
+        return True
 
     def _through_linear(self, x: Vector, y: Vector) -> Estimate:
         """E[L(u) ⊗ y] = L applied to E[u ⊗ y] for a linear Nonlin x = L(u) (gathers,

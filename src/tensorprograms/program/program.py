@@ -371,7 +371,7 @@ class Program:
             fn, xs, params, elementwise, f"{function_name(fn)}(…)", "Nonlin"
         )
         out = Vector(self, self._fresh(name, "x"), out_shape, vecs[0].ratio, "H")
-        linear = not ps and not elementwise and is_linear(fn, shapes)
+        linear = not ps and is_linear(fn, shapes)
         ins = Nonlin(out, fn, tuple(vecs), tuple(ps), bool(elementwise), linear=linear)
         return self._append(ins)  # type: ignore[return-value]
 
