@@ -18,7 +18,7 @@ from tensorprograms.empirical import nngp as empirical_nngp
 from tensorprograms.empirical import ntk_mean
 from tensorprograms.frontend.rules_positional import sinusoidal_table
 
-from .reference import apply_pair, relu_pair
+from .reference import apply_pair, infinite_heads_attention, relu_pair
 
 WIDTH, SAMPLES, Z = 1024, 100, 4.5
 B, T, D_IN, EPS = 3, 4, 3, 1e-5
@@ -274,6 +274,48 @@ def test_multihead_attention_with_heads_growing_with_width_is_rejected(x):
 
     _error(lambda w: ManyHeads(w), x, "grows with width", "heads of fixed size 8", "Infinite attention",
            "scale=1/head_dim", "heads-line")
+
+
+class _ManyHeads(nn.Module):
+    """nn.MultiheadAttention with head dimension 8 (heads ∝ width), PyTorch's 1/√8 logits."""
+
+    def __init__(self, width: int, causal: bool):
+        super().__init__()
+        self.embed = nn.Linear(D_IN, width, bias=False)
+        nn.init.normal_(self.embed.weight, std=D_IN ** -0.5)
+        self.attn = nn.MultiheadAttention(width, width // 8, bias=False, batch_first=True)
+        self.out = nn.Linear(width, 16, bias=False)
+        nn.init.normal_(self.out.weight, std=width ** -0.5)
+        self.causal = causal
+
+    def forward(self, x):
+        h = self.embed(x)
+        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1) if self.causal else None
+        return self.out(self.attn(h, h, h, need_weights=False, attn_mask=mask)[0].mean(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_infinite_heads_reference_matches_multihead_attention(x, causal):
+    """The infinite-heads limit that the frontend does not compute yet (docs/attention.md):
+    the Monte Carlo formula of ``reference.infinite_heads_attention`` vs the NNGP of the actual
+    ``nn.MultiheadAttention(1024, 128)`` module (64 networks), within Z combined standard
+    errors; the deterministic-logit answer (uniform attention) is rejected by the same test."""
+    x = 2.0 * x  # sharper random attention, so uniform attention is far from the answer
+    Xf = x.reshape(B * T, D_IN).numpy()
+    Kh = Xf @ Xf.T / D_IN
+    # PyTorch's init: in_proj xavier_uniform on [3n, n] (entry variance 1/(2n)); out_proj
+    # kaiming_uniform(a=√5) (1/(3n)); readout N(0, 1/n)
+    Ko, se = infinite_heads_attention(Kh, T, 8, 0.5, 0.5, 1.0 / 3.0, causal=causal)
+    ref = Ko.reshape(B, T, B, T).mean((1, 3))
+    ref_se = se.reshape(B, T, B, T).sum((1, 3)) / T ** 2  # SE of a mean of correlated entries: at most this
+    emp = empirical_nngp(lambda w: _ManyHeads(w, causal), WIDTH, x, samples=64)
+    bound = Z * np.sqrt(emp.stderr.numpy() ** 2 + ref_se ** 2)
+    assert (np.abs(emp.mean.numpy() - ref) <= bound).all(), (emp.mean, ref, bound)
+    w = np.tril(np.ones((T, T))) if causal else np.ones((T, T))
+    w = (w / w.sum(1, keepdims=True)).mean(0)  # mean over queries of the uniform weights
+    uniform = np.einsum("a,xayb,b->xy", w, 0.5 * Kh.reshape(B, T, B, T), w) / 3.0
+    assert (np.abs(emp.mean.numpy() - uniform) > bound).any()
 
 
 def test_transformer_encoder_layer_is_rejected(x):
