@@ -153,7 +153,7 @@ def splits(pool: int, cfg: FLConfig, seed: int) -> tuple[torch.Tensor, torch.Ten
 
 def compare(data: Dataset, cfg: FLConfig | None = None, progress: bool = True) -> FLResult:
     """The μP limit vs the NNGP/NTK limits (and finite μP nets) on ``data``, plus transfer."""
-    from .transfer import transfer
+    from .transfer import check_pool, transfer
 
     cfg = cfg or FLConfig()
     sub = data.subsample(cfg.pool, cfg.n_test)
@@ -161,7 +161,11 @@ def compare(data: Dataset, cfg: FLConfig | None = None, progress: bool = True) -
     X = torch.cat([sub.x_train, sub.x_test])
     y_all = torch.cat([sub.y_train, sub.y_test])
     test = torch.arange(P, X.shape[0])
-    res = FLResult(data.name, cfg, min(cfg.n_train, P), cfg.n_val, len(test))
+    check_pool(sub.y_train, cfg)
+    if P < cfg.n_train + 2:
+        raise ValueError(f"{data.name} has {P} training examples in the pool; FLConfig.n_train = "
+                         f"{cfg.n_train} leaves none for validation: lower n_train")
+    res = FLResult(data.name, cfg, cfg.n_train, min(cfg.n_val, P - cfg.n_train), len(test))
     res.kernel_points = X.shape[0]
     factory = mlp(data.d, classes)
     bar = tqdm(total=2 + cfg.seeds + len(cfg.lrs) - 1, desc=f"  μP vs kernels ({data.name})", leave=False,
@@ -192,7 +196,7 @@ def compare(data: Dataset, cfg: FLConfig | None = None, progress: bool = True) -
                                   float((tr.predict(X[val]).argmax(1) == y_all[val]).double().mean()))
                 bar.update(1)
             ok = [lr for lr in cfg.lrs if res.lr_val[lr] == res.lr_val[lr]]
-            res.lr = max(ok, key=res.lr_val.get)
+            res.lr = max(ok, key=res.lr_val.get)  # a tie goes to the smaller lr (the first)
             run = runs[res.lr]
             res.seconds["lr search"] = time.perf_counter() - t0 - run.seconds
         else:

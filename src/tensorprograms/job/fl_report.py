@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .data import Dataset
 from .feature_learning import FLConfig, FLResult, compare, mean_se
 
@@ -148,7 +150,16 @@ def report_section(datasets: Sequence[Dataset], config: FLConfig | None = None):
     on each data set, writes ``feature_learning.json`` and returns the Markdown."""
 
     def fn(out: Path, progress: bool) -> str:
-        results = [compare(d, config, progress=progress) for d in datasets]
+        # One torch thread: the particle updates are small products (M × batch) that a second
+        # thread hardly speeds up, and on a busy machine its waiting made the section several
+        # times slower (measured on the shared 2-core machine at load ~7: with 2 threads, 7
+        # CPU-minutes without finishing MNIST-1D; with 1 thread, both data sets in 2 CPU-minutes).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results = [compare(d, config, progress=progress) for d in datasets]
+        finally:
+            torch.set_num_threads(threads)
         (out / "feature_learning.json").write_text(json.dumps(to_json(results), indent=1))
         text = section(results, out)
         print(text)

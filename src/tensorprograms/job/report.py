@@ -172,9 +172,9 @@ def _plots(rows: Sequence[Row], out: Path) -> list[str]:
 
 def write_report(rows: Sequence[Row], baselines, out: Path, train: TrainConfig, noise: float,
                  seconds: float, notes: Sequence[str] = (),
-                 extra: Sequence[tuple[str, str, float]] = ()) -> str:
+                 extra: Sequence[tuple[str, str, float, float]] = ()) -> str:
     """Write ``out/report.md`` (+ PNGs); returns the table. ``extra``: further sections
-    ``(title, markdown, wall seconds)``, placed before the timings."""
+    ``(title, markdown, wall seconds, CPU seconds)``, placed before the timings."""
     out.mkdir(parents=True, exist_ok=True)
     tab = table(rows, baselines)
     plots = _plots(rows, out)
@@ -213,12 +213,12 @@ def write_report(rows: Sequence[Row], baselines, out: Path, train: TrainConfig, 
                           f"| {b:.4f} ({c.samples_ntk} nets) |")
         if "convergence.png" in plots:
             md += ["", "![kernel convergence](convergence.png)"]
-    for _, text, _ in extra:
+    for _, text, _, _ in extra:
         md += ["", text]
     md += ["", "## Time per row", "", "CPU seconds count all threads; on a shared machine wall time "
            "also includes waiting for cores.", "", "| data | model | wall s | CPU s |", "|---|---|---|---|"]
     md += [f"| {r.dataset} | {r.model} | {r.seconds:.0f} | {r.cpu_seconds:.0f} |" for r in rows]
-    md += [f"| {title} | | {sec:.0f} | |" for title, _, sec in extra]
+    md += [f"| {title} | | {sec:.0f} | {cpu:.0f} |" for title, _, sec, cpu in extra]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return tab
 
@@ -250,9 +250,9 @@ def run(jobs: Sequence[tuple[Dataset, Sequence[ModelSpec]]], out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     extra = []
     for title, fn in sections:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         text = fn(out, progress)
-        extra.append((title, text, time.perf_counter() - t0))
+        extra.append((title, text, time.perf_counter() - t0, time.process_time() - c0))
     tab = write_report(rows, baselines, out, train, noise, time.perf_counter() - start, notes, extra)
     print(tab)
     print(f"\nreport: {out / 'report.md'}")

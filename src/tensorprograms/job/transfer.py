@@ -42,6 +42,19 @@ class TransferResult:
     diverged: list[str] = field(default_factory=list)
 
 
+def check_pool(y_pool: torch.Tensor, cfg: FLConfig) -> int:
+    """Raise unless the pool has enough examples of the old and the new classes; returns the
+    number of new-class examples a seed uses (validation + the largest readout budget)."""
+    c = cfg.split_class
+    old, new = int((y_pool < c).sum()), int((y_pool >= c).sum())
+    need = cfg.readout_val + max(cfg.readout_budgets)
+    if new < need or old < cfg.pretrain:
+        raise ValueError(f"the pool has {old} examples of classes < {c} and {new} of the others; the "
+                         f"transfer task needs {cfg.pretrain} and {need}: enlarge FLConfig.pool or lower "
+                         "FLConfig.pretrain / readout_val / readout_budgets")
+    return need
+
+
 def transfer(d: int, X: torch.Tensor, y: torch.Tensor, pool: int, kernels: dict[str, torch.Tensor],
              lr: float, cfg: FLConfig, progress: bool = True) -> TransferResult:
     """Run the transfer task over ``cfg.seeds`` seeds.
@@ -56,10 +69,7 @@ def transfer(d: int, X: torch.Tensor, y: torch.Tensor, pool: int, kernels: dict[
     old_idx = (y[:pool] < c).nonzero().flatten()
     new_idx = (y[:pool] >= c).nonzero().flatten()
     test = pool + (y[pool:] >= c).nonzero().flatten()
-    need = cfg.readout_val + max(cfg.readout_budgets)
-    if len(new_idx) < need or len(old_idx) < cfg.pretrain:
-        raise ValueError(f"the pool has {len(old_idx)} examples of classes < {c} and {len(new_idx)} of the "
-                         f"others; the transfer task needs {cfg.pretrain} and {need}: enlarge FLConfig.pool")
+    need = check_pool(y[:pool], cfg)
     factory = mlp(d, c)
     limit = infinite_width(factory, X[:2], parametrization="mup", base_width=cfg.base_width)
     width = max(cfg.finite_widths)
