@@ -11,7 +11,7 @@ import torch
 from tensorprograms.feature_learning import finite_width_run
 from tensorprograms.job.data import Dataset
 from tensorprograms.job.feature_learning import FLConfig, batches, compare, mean_se, mlp, ridge_predict
-from tensorprograms.job.fl_report import section, to_json
+from tensorprograms.job.fl_report import paired, section, to_json
 
 TINY = dict(pool=120, n_test=40, n_train=60, n_val=20, seeds=2, particles=256, epochs=2, batch=10,
             lrs=(0.1, 0.3), ridges=(1e-3, 1e-1), finite_widths=(16, 32), split_class=2, pretrain=30,
@@ -33,6 +33,7 @@ def blobs(n_train=160, n_test=60, classes=4, d=5, seed=0) -> Dataset:
 def test_mean_se_and_ridge_predict_against_closed_forms():
     m, se = mean_se([0.5, 0.7, 0.9])
     assert m == pytest.approx(0.7) and se == pytest.approx(0.2 / math.sqrt(3))
+    assert paired([0.5, 0.7, 0.9], [0.4, 0.5, 0.6]) == f"+20.0 ± {100 * 0.1 / math.sqrt(3):.1f}"
     g = torch.Generator().manual_seed(1)
     A = torch.randn(9, 4, generator=g, dtype=torch.float64)
     K = A @ A.T
@@ -66,7 +67,7 @@ def test_compare_runs_every_method_and_reports(tmp_path):
     # the blobs are separable: every method must beat chance (1/4, and 1/2 on the new classes) clearly
     assert mean_se(res.accuracy["mup"])[0] > 0.5 and mean_se(t.accuracy[("mup", 16)])[0] > 0.7
     md = section([res], tmp_path)
-    assert "| blobs | 60 / 20 / 40 | 2 |" in md and "Transfer" in md
+    assert "| blobs | 60 / 20 / 40 | 2 |" in md and "Transfer" in md and "Paired differences" in md
     assert (tmp_path / "feature_learning.png").exists()
     assert to_json([res])[0]["transfer"]["accuracy"]["mup / 8 examples"] == t.accuracy[("mup", 8)]
 

@@ -21,6 +21,12 @@ def _ms(values: Sequence[float]) -> str:
     return f"{100 * m:.1f} ± {100 * se:.1f}%"
 
 
+def paired(a: Sequence[float], b: Sequence[float]) -> str:
+    """``a − b`` per seed (same subsample, batches and test set), mean ± s.e., in points."""
+    m, se = mean_se([x - y for x, y in zip(a, b)])
+    return f"{100 * m:+.1f} ± {100 * se:.1f}"
+
+
 def _plot(results: Sequence[FLResult], out: Path) -> str | None:
     try:
         import matplotlib
@@ -86,6 +92,9 @@ def section(results: Sequence[FLResult], out: Path) -> str:
                   f"| {_ms(r.accuracy['nngp'])} | {_ms(r.accuracy['ntk'])} | **{_ms(r.accuracy['mup'])}** | "
                   + " | ".join(_ms(r.accuracy[f"finite {w}"]) for w in cfg.finite_widths)
                   + f" | {r.lr:g} ({lrs}) |")
+    md += ["", "Paired differences, μP limit − kernel, per seed then mean ± s.e. (points): " + "; ".join(
+        f"{r.dataset}: − NNGP {paired(r.accuracy['mup'], r.accuracy['nngp'])}, − NTK "
+        f"{paired(r.accuracy['mup'], r.accuracy['ntk'])}" for r in results) + "."]
     md += ["", "Cost (wall seconds on the job's machine, all seeds together):", "",
            "| data | limit kernels (NNGP+NTK, once on pool ∪ test) | μP limit: M, steps per run, s per run "
            "| lr search (other lrs) | finite μP nets (all widths) |", "|---|---|---|---|---|"]
@@ -115,6 +124,10 @@ def section(results: Sequence[FLResult], out: Path) -> str:
             md.append(f"| {r.dataset} | {b} | {t.n_test} | {_ms(t.accuracy[('nngp', b)])} "
                       f"| {_ms(t.accuracy[('ntk', b)])} | **{_ms(t.accuracy[('mup', b)])}** "
                       f"| {_ms(t.accuracy[(f'finite {width}', b)])} |")
+    tr = [(r.dataset, b, r.transfer.accuracy) for r in results for b in b_all]
+    md += ["", "Paired differences, μP limit features − kernel (points): " + "; ".join(
+        f"{ds}, {b} examples: − NNGP {paired(acc[('mup', b)], acc[('nngp', b)])}, "
+        f"− NTK {paired(acc[('mup', b)], acc[('ntk', b)])}" for ds, b, acc in tr) + "."]
     md += ["", "Transfer cost: " + "; ".join(
         f"{r.dataset}: μP limit pretraining {r.transfer.seconds['mup'] / cfg.seeds:.1f} s per seed "
         f"(M = {cfg.particles}, {r.transfer.steps} steps), finite net {r.transfer.seconds['finite']:.0f} s "
