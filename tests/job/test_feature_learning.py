@@ -11,7 +11,7 @@ import torch
 from tensorprograms.feature_learning import finite_width_run
 from tensorprograms.job.data import Dataset
 from tensorprograms.job.feature_learning import FLConfig, batches, compare, mean_se, mlp, ridge_predict
-from tensorprograms.job.fl_report import paired, section, to_json
+from tensorprograms.job.fl_report import _cells, paired, section, to_json
 
 TINY = dict(pool=120, n_test=40, n_train=60, n_val=20, seeds=2, particles=256, epochs=2, batch=10,
             lrs=(0.1, 0.3), ridges=(1e-3, 1e-1), finite_widths=(16, 32), split_class=2, pretrain=30,
@@ -34,6 +34,9 @@ def test_mean_se_and_ridge_predict_against_closed_forms():
     m, se = mean_se([0.5, 0.7, 0.9])
     assert m == pytest.approx(0.7) and se == pytest.approx(0.2 / math.sqrt(3))
     assert paired([0.5, 0.7, 0.9], [0.4, 0.5, 0.6]) == f"+20.0 ± {100 * 0.1 / math.sqrt(3):.1f}"
+    # the best of the first three columns is bold, later columns never
+    assert _cells([[0.5, 0.5], [0.7, 0.7], [0.6, 0.6], [0.9, 0.9]]) == \
+        "50.0 ± 0.0% | **70.0 ± 0.0%** | 60.0 ± 0.0% | 90.0 ± 0.0%"
     g = torch.Generator().manual_seed(1)
     A = torch.randn(9, 4, generator=g, dtype=torch.float64)
     K = A @ A.T

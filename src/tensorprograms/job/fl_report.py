@@ -21,6 +21,14 @@ def _ms(values: Sequence[float]) -> str:
     return f"{100 * m:.1f} ± {100 * se:.1f}%"
 
 
+def _cells(columns: Sequence[Sequence[float]], compare: int = 3) -> str:
+    """Table cells ``mean ± s.e.``; the best mean among the first ``compare`` columns (the
+    three limits) in bold."""
+    means = [mean_se(v)[0] for v in columns[:compare]]
+    best = max(range(len(means)), key=lambda i: means[i] if means[i] == means[i] else -1.0)
+    return " | ".join(f"**{_ms(v)}**" if i == best else _ms(v) for i, v in enumerate(columns))
+
+
 def paired(a: Sequence[float], b: Sequence[float]) -> str:
     """``a − b`` per seed (same subsample, batches and test set), mean ± s.e., in points."""
     m, se = mean_se([x - y for x, y in zip(a, b)])
@@ -81,16 +89,17 @@ def section(results: Sequence[FLResult], out: Path) -> str:
           "**finite μP n**: `tp.mup.parametrize` + "
           f"`tp.mup.SGD` at widths {widths}, same lr, batches and epochs, seed = the seed, readout bias "
           "zeroed (as the limit). Accuracies are mean ± standard error over the seeds; the seeds vary the "
-          "training subsample, the batch order, the particles and the finite nets' init.", "",
-          "| data | train / val / test | seeds | NNGP limit | NTK limit | **μP limit** | "
+          "training subsample, the batch order, the particles and the finite nets' init. Bold: the best "
+          "of the three limits.", "",
+          "| data | train / val / test | seeds | NNGP limit | NTK limit | μP limit | "
           + " | ".join(f"finite μP {w}" for w in cfg.finite_widths) + " | μP lr (val acc per lr) |",
           "|---|---|---|---|---|---|" + "---|" * len(cfg.finite_widths) + "---|"]
     for r in results:
         lrs = ", ".join(f"{lr:g}: {'diverged' if v != v else f'{100 * v:.1f}%'}"
                         for lr, v in r.lr_val.items())
         md.append(f"| {r.dataset} | {r.n_train} / {r.n_val} / {r.n_test} | {cfg.seeds} "
-                  f"| {_ms(r.accuracy['nngp'])} | {_ms(r.accuracy['ntk'])} | **{_ms(r.accuracy['mup'])}** | "
-                  + " | ".join(_ms(r.accuracy[f"finite {w}"]) for w in cfg.finite_widths)
+                  "| " + _cells([r.accuracy[k] for k in ("nngp", "ntk", "mup")]
+                                + [r.accuracy[f"finite {w}"] for w in cfg.finite_widths])
                   + f" | {r.lr:g} ({lrs}) |")
     md += ["", "Paired differences, μP limit − kernel, per seed then mean ± s.e. (points): " + "; ".join(
         f"{r.dataset}: − NNGP {paired(r.accuracy['mup'], r.accuracy['nngp'])}, − NTK "
@@ -116,14 +125,13 @@ def section(results: Sequence[FLResult], out: Path) -> str:
         "Kernels: the μP limit's last-hidden-layer feature kernel E[x(ξ)x(ξ')] after pretraining "
         "(particles), the finite net's φ(h)·φ(h')/n after pretraining, and the NNGP and NTK of the same MLP "
         "(features that do not move; the NNGP is the feature kernel at init up to a constant).", "",
-        "| data | readout examples | test | NNGP limit | NTK limit | **μP limit features** "
+        "| data | readout examples | test | NNGP limit | NTK limit | μP limit features "
         f"| finite μP {width} features |", "|---|---|---|---|---|---|---|"]
     for r in results:
         t = r.transfer
         for b in b_all:
-            md.append(f"| {r.dataset} | {b} | {t.n_test} | {_ms(t.accuracy[('nngp', b)])} "
-                      f"| {_ms(t.accuracy[('ntk', b)])} | **{_ms(t.accuracy[('mup', b)])}** "
-                      f"| {_ms(t.accuracy[(f'finite {width}', b)])} |")
+            cols = [t.accuracy[(k, b)] for k in ("nngp", "ntk", "mup", f"finite {width}")]
+            md.append(f"| {r.dataset} | {b} | {t.n_test} | " + _cells(cols) + " |")
     tr = [(r.dataset, b, r.transfer.accuracy) for r in results for b in b_all]
     md += ["", "Paired differences, μP limit features − kernel (points): " + "; ".join(
         f"{ds}, {b} examples: − NNGP {paired(acc[('mup', b)], acc[('nngp', b)])}, "
