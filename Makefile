@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench bench-nt clean mup-transfer mup-coord-check
+.PHONY: demo test test-slow lint bench bench-nt clean mup-transfer mup-coord-check feature-learning
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 
 mup-transfer: $(STAMP)
 	$(PY) examples/mup_transfer.py --threads 1 --seeds 2 --out out/mup_transfer_adam
+
+# the feature-learning section of the main job alone (μP limit vs kernels, transfer)
+feature-learning: $(STAMP)
+	$(PY) examples/feature_learning_job.py --out out/feature_learning_job
 
 mup-coord-check: $(STAMP)
 	$(PY) examples/mup_coord_check.py --out out/coord_check

@@ -29,6 +29,7 @@ from torch import nn
 
 import tensorprograms as tp
 from tensorprograms.feature_learning import finite_width_run
+from tensorprograms.job.feature_learning import batches as make_batches
 from tensorprograms.mup.transfer import mnist1d
 
 
@@ -47,15 +48,6 @@ def kernel_accuracy(K_tt, K_st, y_train, y_eval, lam):
     reg = lam * K_tt.diagonal().mean()
     alpha = torch.linalg.solve(K_tt + reg * torch.eye(len(K_tt), dtype=K_tt.dtype), Y)
     return float(((K_st @ alpha).argmax(1) == y_eval).double().mean())
-
-
-def batches_for(x, y, epochs, batch, seed):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        out += [(x[perm[i:i + batch]], y[perm[i:i + batch]]) for i in range(0, len(x) - batch + 1, batch)]
-    return out
 
 
 def main() -> None:
@@ -101,7 +93,7 @@ def main() -> None:
     res["kernel_seconds"] = time.time() - t0
 
     lim = tp.infinite_width(factory, xtr[:2], parametrization="mup", base_width=a.base_width)
-    batches = batches_for(xtr, ytr, a.epochs, a.batch, a.seed)
+    batches = make_batches(xtr, ytr, a.epochs, a.batch, a.seed)
     mup_val, trainers = {}, {}
     for lr in a.lrs:
         t0 = time.time()

@@ -1,8 +1,10 @@
 """The main job (``make demo`` = ``python -m tensorprograms.demo``): on MNIST-1D and
 scikit-learn's digits, an MLP, a 1-D CNN and a GRU (ordinary PyTorch modules) trained by
 SGD at several widths vs their NNGP and NTK limits, and the finite-width kernels'
-convergence to the limit. Writes ``out/report/report.md`` with PNG plots and prints the
-table. Sizes are chosen so the whole job takes under 10 minutes on 2 cores."""
+convergence to the limit; then the μP (feature-learning) limit of an MLP vs its NNGP and
+NTK limits and finite μP nets, with a transfer task (job/feature_learning.py). Writes
+``out/report/report.md`` with PNG plots and prints the tables. Sizes are chosen so the
+whole job takes about 10 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import argparse
 import torch
 
 from .job.data import digits, mnist1d
+from .job.feature_learning import FLConfig
+from .job.fl_report import report_section
 from .job.models import factory
 from .job.pieces import TrainConfig
 from .job.report import ModelSpec, run
@@ -43,13 +47,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tensorprograms.demo", description=__doc__)
     parser.add_argument("--out", default="out/report", help="output folder (default out/report)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--fl-seeds", type=int, default=FLConfig.seeds,
+                        help=f"seeds of the feature-learning section (default {FLConfig.seeds}; 0 skips it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     m1d, dig = mnist1d(), digits()
+    sections = []
+    if args.fl_seeds > 0:
+        sections.append(("feature learning (μP limit, transfer)",
+                         report_section([m1d, dig], FLConfig(seeds=args.fl_seeds))))
     run([(m1d, specs("MNIST-1D", m1d.d, m1d.classes, convergence=True)),
          (dig, specs("digits", dig.d, dig.classes, convergence=False))], args.out,
-        train=TrainConfig(), notes=[
+        train=TrainConfig(), sections=sections, notes=[
             "MNIST-1D: `mnist1d.data.make_dataset` with its default arguments (seed 42; 4000 train / 1000 "
             "test examples of length 40), subsampled as stated; digits: scikit-learn's `load_digits` "
             "(8×8 images scaled to [0, 1]), seeded 70/30 split, subsampled as stated.",

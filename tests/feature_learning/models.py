@@ -26,6 +26,11 @@ def tanh2(n: int) -> nn.Module:
     return nn.Sequential(nn.Linear(3, n), nn.Tanh(), nn.Linear(n, n), nn.Tanh(), nn.Linear(n, 2))
 
 
+def tanh1(n: int) -> nn.Module:
+    """1 hidden layer, tanh, PyTorch's default (uniform) init, biases (Adam's limit)."""
+    return nn.Sequential(nn.Linear(3, n), nn.Tanh(), nn.Linear(n, 2))
+
+
 def relu3(n: int) -> nn.Module:
     """3 hidden layers, ReLU, Gaussian init, no biases."""
     m = nn.Sequential(nn.Linear(3, n, bias=False), nn.ReLU(), nn.Linear(n, n, bias=False), nn.ReLU(),

@@ -16,24 +16,25 @@ import torch
 import tensorprograms as tp
 from tensorprograms.feature_learning import convergence, limit_run
 
-from .models import data, deep_linear, relu3, tanh2
+from .models import data, deep_linear, relu3, tanh1, tanh2
 
 BASE = 16
 
 
-def _check(factory, lr, steps, widths, seeds, particles=2**14, readout_bias=None, floor=False):
+def _check(factory, lr, steps, widths, seeds, particles=2**14, readout_bias=None, floor=False,
+           optimizer="sgd"):
     X, batches, Xt = data(steps=steps)
     lim = tp.infinite_width(factory, X, parametrization="mup", base_width=BASE)
-    run = limit_run(lim.trainer(lr=lr, particles=particles), batches, Xt)
+    run = limit_run(lim.trainer(optimizer, lr=lr, particles=particles), batches, Xt)
     conv = convergence(factory, run, widths, seeds, BASE, batches, Xt, lr=lr, readout_bias=readout_bias,
-                       progress=False)
+                       progress=False, optimizer=optimizer)
     print(conv.table())
     for what in ("output", "loss"):
         s, se = conv.slope(what), conv.slope_stderr(what)
         print(f"{what}: slope {s:.3f} ± {se:.3f}")
         assert abs(s + 0.5) <= 3 * se, (what, s, se)
     if floor:
-        other = limit_run(lim.trainer(lr=lr, particles=particles, seed=1), batches, Xt)
+        other = limit_run(lim.trainer(optimizer, lr=lr, particles=particles, seed=1), batches, Xt)
         mc = float((other.outputs - run.outputs).pow(2).mean().sqrt()) / 2**0.5
         print(f"Monte Carlo floor (one run's output error, from two particle seeds): {mc:.2e}")
         assert mc < conv.output[-1]
@@ -46,6 +47,17 @@ def test_deep_linear_exact_converges_short():
 
 def test_tanh_particles_converge_short():
     _check(tanh2, 0.05, 10, [16, 64, 256, 1024], 8, particles=2**15, readout_bias="4.bias")
+
+
+def test_adam_one_hidden_layer_converges_short():
+    """Adam (TP IVb): finite tp.mup.Adam nets (eps scaled by base/width) → the particle limit."""
+    _check(tanh1, 0.01, 10, [16, 64, 256, 1024], 8, particles=2**15, readout_bias="2.bias", optimizer="adam")
+
+
+@pytest.mark.slow
+def test_adam_one_hidden_layer_converges_50_steps():
+    _check(tanh1, 0.01, 50, [64, 256, 1024, 4096], 6, particles=2**16, readout_bias="2.bias", floor=True,
+           optimizer="adam")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from torch import nn
 import tensorprograms as tp
 from tensorprograms.feature_learning import TrainingDiverged, limit_run
 
-from .models import data, deep_linear, linear1, relu3, tanh2
+from .models import data, deep_linear, linear1, relu3, tanh1, tanh2
 
 BASE = 16
 
@@ -59,20 +59,23 @@ def test_exact_and_particles_agree_on_a_deep_linear_network():
     assert ((losses.mean(0) - ex.losses).abs() <= 4 * se_l + 1e-12).all()
 
 
-@pytest.mark.parametrize("factory,method", [(tanh2, "particles"), (deep_linear, "exact")])
-def test_checkpoint_resume_is_bit_exact(factory, method):
+@pytest.mark.parametrize("factory,method,optimizer", [
+    (tanh2, "particles", "sgd"), (deep_linear, "exact", "sgd"), (tanh1, "particles", "adam")])
+def test_checkpoint_resume_is_bit_exact(factory, method, optimizer):
     X, batches, Xt = data(steps=6)
-    full = trainer(factory, particles=2**10)
+    full = trainer(factory, particles=2**10, optimizer=optimizer)
     assert full.config.method == method
     for xb, yb in batches:
         full.step(xb, yb)
-    first = trainer(factory, particles=2**10)
+    first = trainer(factory, particles=2**10, optimizer=optimizer)
     for xb, yb in batches[:3]:
         first.step(xb, yb)
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     buf.seek(0)
-    resumed = trainer(factory, particles=2**10)
+    resumed = trainer(factory, particles=2**10, optimizer=optimizer)
+    for xb, yb in batches[:1]:  # a trainer that has moved: loading must replace all of its state
+        resumed.step(xb, yb)
     resumed.load_state_dict(torch.load(buf, weights_only=False))
     for xb, yb in batches[3:]:
         resumed.step(xb, yb)
@@ -85,6 +88,18 @@ def test_checkpoint_from_another_configuration_is_rejected():
     other = trainer(tanh2, particles=2**8, lr=0.03)
     with pytest.raises(ValueError, match="same lr"):
         other.load_state_dict(tr.state_dict())
+
+
+def test_feature_kernel_at_init_is_the_nngp_of_the_hidden_layer():
+    """Before training, E[x(ξ)x(ξ')] of the last hidden layer is that layer's NNGP kernel:
+    for a linear one-hidden-layer net with N(0, 1/3) input weights it is ⟨ξ, ξ'⟩/3 exactly
+    (exact method); after a step it has moved (feature learning)."""
+    X, batches, Xt = data(steps=1)
+    tr = trainer(linear1, lr=0.5)
+    torch.testing.assert_close(tr.feature_kernel(Xt), Xt @ Xt.T / 3.0, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tr.feature_kernel(Xt, X), Xt @ X.T / 3.0, rtol=1e-12, atol=1e-14)
+    tr.step(*batches[0])
+    assert (tr.feature_kernel(Xt) - Xt @ Xt.T / 3.0).abs().max() > 1e-3
 
 
 def test_particle_stderr_and_determinism():
@@ -106,8 +121,15 @@ def test_divergence_names_step_and_scalar():
 
 
 def test_unsupported_optimizer_and_loss():
-    with pytest.raises(tp.UnsupportedOperation, match="Adam.*TP IVb"):
+    with pytest.raises(tp.UnsupportedOperation, match=r"one hidden layer.*\['2.weight'\].*TP IVb"):
         trainer(tanh2, optimizer="adam")
+    with pytest.raises(ValueError, match="method='exact' cannot train with Adam"):
+        trainer(linear1, optimizer="adam", method="exact")
+    assert trainer(linear1, optimizer="adam").config.method == "particles"
+    with pytest.raises(ValueError, match="betas must be"):
+        trainer(tanh1, optimizer="adam", betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="eps must be"):
+        trainer(tanh1, optimizer="adam", eps=-1.0)
     with pytest.raises(tp.UnsupportedOperation, match="'rmsprop'"):
         trainer(tanh2, optimizer="rmsprop")
     with pytest.raises(ValueError, match="loss 'hinge'"):

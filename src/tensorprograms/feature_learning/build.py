@@ -49,16 +49,21 @@ def laws_of(spec: MLPSpec, inits: Mapping[str, ParamInit]) -> dict[str, InitLaw]
     return out
 
 
-def check_arguments(optimizer, lr, loss, method, base_width, particles) -> None:
+def check_arguments(optimizer, lr, loss, method, base_width, particles, betas=(0.9, 0.999), eps=1e-8) -> None:
     """Raise a clear error for an unsupported optimizer, loss or method, or a bad number."""
     if not isinstance(optimizer, str) or optimizer.lower() not in OPTIMIZERS:
         name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", optimizer)
-        extra = (" Adam's μP limit (TP IVb, entrywise-normalised updates) is not implemented yet."
-                 if "adam" in str(name).lower() else "")
         raise UnsupportedOperation(
             f"optimizer {name!r} is not supported by the μP training limit; use optimizer='sgd' "
-            f"(plain SGD, no momentum or weight decay).{extra}"
+            "(plain SGD, no momentum or weight decay) or 'adam' (torch.optim.Adam without weight "
+            "decay or amsgrad, one-hidden-layer MLPs)"
         )
+    ok_betas = (isinstance(betas, (tuple, list)) and len(betas) == 2
+                and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in betas))
+    if not ok_betas:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss {loss!r} is not supported; use one of {LOSSES}")
     if method not in METHODS:
@@ -69,6 +74,25 @@ def check_arguments(optimizer, lr, loss, method, base_width, particles) -> None:
         raise ValueError(f"base_width must be a positive integer, got {base_width!r}")
     if isinstance(particles, bool) or not isinstance(particles, int) or particles < 2:
         raise ValueError(f"particles must be an integer ≥ 2, got {particles!r}")
+
+
+def check_adam(spec: MLPSpec, method: str) -> None:
+    """Adam's limit is computed for MLPs without width × width matrices, with particles."""
+    hidden = [layer.weight for layer in spec.layers if layer.kind == "hidden"]
+    if hidden:
+        raise UnsupportedOperation(
+            f"optimizer='adam' is supported for MLPs with one hidden layer; this one has the hidden "
+            f"(width × width) weights {hidden}. Adam updates such a matrix by an entrywise nonlinear "
+            "function of its gradient history Σ_s dh_s x_sᵀ (TP IVb's nonlinear outer product), whose "
+            "limit (ΔW y)_α = E_β[ψ(dh-history_α, x-history_β) y_β] couples every pair of coordinates "
+            "(O(M²) per product with M particles) and is not implemented. Use optimizer='sgd', or one "
+            "hidden layer"
+        )
+    if method == "exact":
+        raise ValueError(
+            "method='exact' cannot train with Adam: its entrywise normalisation is nonlinear in the "
+            "coordinates, so they leave the span of the atoms. Use method='particles' (or 'auto')"
+        )
 
 
 def read_mlp(
@@ -98,6 +122,8 @@ def make_trainer(
     seed: int = 0,
     variances: Mapping[str, Any] | None = None,
     model: tuple[MLPSpec, dict[str, InitLaw]] | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> MuPLimitTrainer:
     """A trainer of the μP limit of ``factory`` (see :class:`MuPLimitTrainer`).
 
@@ -106,8 +132,9 @@ def make_trainer(
         example_inputs: ``[B, d]``, fixes the input dimension.
         base_width: the width at which ``lr`` and the initialisation are the user's own
             (``tp.mup.parametrize``'s ``base_width``).
-        optimizer: ``"sgd"`` (plain SGD). Adam's limit (TP IVb) is not implemented.
-        lr: the SGD learning rate at ``base_width``.
+        optimizer: ``"sgd"`` (plain SGD, ``tp.mup.SGD``) or ``"adam"`` (``tp.mup.Adam``
+            with ``eps·base_width/n`` at width n; MLPs with one hidden layer only, particles).
+        lr: the learning rate at ``base_width``.
         loss: ``"mse"`` (``F.mse_loss``) or ``"cross_entropy"`` (``F.cross_entropy``).
         method: ``"exact"`` (networks whose activations are all affine), ``"particles"``
             (Monte Carlo, any activation) or ``"auto"`` (exact when possible).
@@ -116,11 +143,16 @@ def make_trainer(
         variances: per-parameter overrides of the initial variances (as in
             ``tp.infinite_width``).
         model: the result of :func:`read_mlp` for these arguments, to skip re-capturing.
+        betas, eps: Adam's (``torch.optim.Adam``'s defaults); ``eps`` is its value at
+            ``base_width`` and scales like the gradients, ``eps·base_width/n``.
     """
-    check_arguments(optimizer, lr, loss, method, base_width, particles)
+    check_arguments(optimizer, lr, loss, method, base_width, particles, betas, eps)
+    optimizer = optimizer.lower()
     spec, laws = model if model is not None else read_mlp(factory, example_inputs, base_width, variances)
+    if optimizer == "adam":
+        check_adam(spec, method)
     if method == "auto":
-        method = "exact" if spec.linear else "particles"
+        method = "exact" if spec.linear and optimizer == "sgd" else "particles"
     if method == "exact" and not spec.linear:
         bad = [a.ops for a in spec.activations if a.affine is None]
         raise ValueError(
@@ -128,5 +160,5 @@ def make_trainer(
             f"has the activations {bad}. Use method='particles'"
         )
     cfg = TrainerConfig(float(lr), loss, method, particles if method == "particles" else 0, int(seed),
-                        base_width)
+                        base_width, optimizer, (float(betas[0]), float(betas[1])), float(eps))
     return MuPLimitTrainer(spec, laws, cfg)

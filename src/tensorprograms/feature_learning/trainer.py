@@ -32,7 +32,7 @@ from .matrix import HiddenMatrix
 from .space import DT, ExactSpace, ParticleSpace
 
 LOSSES = ("mse", "cross_entropy")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adam")
 METHODS = ("auto", "exact", "particles")
 
 
@@ -57,10 +57,14 @@ class TrainerConfig:
     particles: int
     seed: int
     base_width: int
+    optimizer: str = "sgd"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
 
 
 class MuPLimitTrainer:
-    """Train the μP limit of an MLP with SGD (build it with ``limit.trainer(...)``).
+    """Train the μP limit of an MLP with SGD, or Adam for networks with one hidden layer
+    (build it with ``limit.trainer(...)``).
 
     ``step(xb, yb)`` takes one SGD step on a batch (``xb [B, d]``; ``yb [B, k]`` floats
     for ``"mse"`` = ``F.mse_loss``, ``[B]`` class indices for ``"cross_entropy"`` =
@@ -104,6 +108,8 @@ class MuPLimitTrainer:
         cb = laws.get(lay[-1].bias) if lay[-1].bias else None
         self.c = torch.full((spec.k_out,), 0.0 if cb is None else cb.mean, dtype=DT)
         self.has_c = lay[-1].bias is not None
+        # Adam's moment estimates (m, v) per parameter, in the limit's units (see _adam)
+        self.adam: dict[str, list[torch.Tensor]] = {}
 
     # ---------------------------------------------------------------- state handling
     def _vectors(self) -> dict[str, torch.Tensor]:
@@ -115,10 +121,16 @@ class MuPLimitTrainer:
         for i, m in enumerate(self.mats):
             for f in ("Q", "G", "P", "Gp"):
                 out[f"W{i}.{f}"] = getattr(m, f)
+        for name, (m1, m2) in self.adam.items():
+            if name != "c":
+                out[f"adam.{name}.m"], out[f"adam.{name}.v"] = m1, m2
         return out
 
     def _set_vector(self, name: str, t: torch.Tensor) -> None:
-        if name in ("w1", "v"):
+        if name.startswith("adam."):
+            _, key, which = name.split(".")
+            self.adam.setdefault(key, [None, None])[0 if which == "m" else 1] = t  # type: ignore[list-item]
+        elif name in ("w1", "v"):
             setattr(self, name, t)
         elif name.startswith("b"):
             self.biases[int(name[1:])] = t
@@ -148,6 +160,7 @@ class MuPLimitTrainer:
             "config": asdict(self.config),
             "tensors": tensors,
             "c": self.c.clone(),
+            "adam_c": [t.clone() for t in self.adam.get("c", [])],
             "steps": self.steps,
             "pairs": [m.pairs for m in self.mats],
             "history": list(self.history),
@@ -162,6 +175,7 @@ class MuPLimitTrainer:
                 f"checkpoint was made with {state['config']}, this trainer has {asdict(self.config)}; "
                 "build the trainer with the same lr, loss, method, particles, seed and base width"
             )
+        self.adam = {}
         size, used = state["space"]
         self.space.size = size
         if used is not None:
@@ -175,6 +189,8 @@ class MuPLimitTrainer:
         for m, p in zip(self.mats, state["pairs"]):
             m.pairs = p
         self.c = state["c"].clone()
+        if state.get("adam_c"):
+            self.adam["c"] = [t.clone() for t in state["adam_c"]]
         self.steps = state["steps"]
         self.history = list(state["history"])
         self.gen.set_state(state["rng"])
@@ -246,7 +262,7 @@ class MuPLimitTrainer:
         return yb.long()
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
-        """One SGD step on the batch; returns the batch loss before the update."""
+        """One SGD (or Adam) step on the batch; returns the batch loss before the update."""
         if self._diverged:
             raise TrainingDiverged(self._diverged)
         t0 = time.perf_counter()
@@ -270,13 +286,16 @@ class MuPLimitTrainer:
             dhs[li] = dx * sp.dact(acts[li].fn, acts[li].affine, hs[li])
             if li >= 1:
                 dx = self.mats[li - 1].backward(dhs[li], lr)
-        self.v = self.v - (lr * b) * (xs[-1] @ chi)
-        if self.has_c:
-            self.c = self.c - lr * chi.sum(0)
-        for li, bias in enumerate(self.biases):
-            if bias is not None:
-                self.biases[li] = bias - (lr / b) * dhs[li].sum(1)
-        self.w1 = self.w1 - (lr / b) * (dhs[0] @ xb)
+        if cfg.optimizer == "adam":
+            self._adam_update(xb, chi, dhs, xs[-1])
+        else:
+            self.v = self.v - (lr * b) * (xs[-1] @ chi)
+            if self.has_c:
+                self.c = self.c - lr * chi.sum(0)
+            for li, bias in enumerate(self.biases):
+                if bias is not None:
+                    self.biases[li] = bias - (lr / b) * dhs[li].sum(1)
+            self.w1 = self.w1 - (lr / b) * (dhs[0] @ xb)
         for m in self.mats:
             m.finish_step()
         for name, t in (("the readout weights v", self.v), ("the input weights", self.w1)):
@@ -287,16 +306,46 @@ class MuPLimitTrainer:
         self.seconds += time.perf_counter() - t0
         return float(loss)
 
+    def _adam(self, name: str, grad: torch.Tensor, eps: float) -> torch.Tensor:
+        """torch.optim.Adam's step direction ``m̂ / (√v̂ + eps)`` for ``grad`` (updating the
+        moments stored under ``name``); an entry whose gradients were all zero moves by 0."""
+        b1, b2 = self.config.betas
+        t = self.steps + 1
+        m, v = self.adam.get(name) or (torch.zeros_like(grad), torch.zeros_like(grad))
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        self.adam[name] = [m, v]
+        denom = v.sqrt() / math.sqrt(1 - b2**t) + eps
+        return torch.where(v > 0, m / (1 - b1**t) / denom.where(v > 0, 1.0), 0.0)
+
+    def _adam_update(self, xb, chi, dhs, xL) -> None:
+        """One Adam step of the μP limit (TP IVb), for networks without hidden matrices.
+
+        The limit of ``tp.mup.Adam(model, lr, eps=ε·b/n)`` (ε scaled like the gradients,
+        which are Θ(1/n) in μP, so it keeps its meaning at every width). Adam acts entry
+        by entry and is invariant to the gradients' scale up to ε, so each width-sized
+        parameter's update is the same function of its own coordinate's gradient history:
+        per particle. In the limit's units (``n·dh`` from the backward pass): input weights
+        and biases ``Δ = -η·Adam(n·Σ_B dh ξ, ε·b)``; readout ``v = n·W``: ``Δv = -η·b·
+        Adam(Σ_B χ x^L, ε)`` (μP's Adam lr b/n and ε·n/b for the readout); readout bias
+        ``Δc = -η·Adam(Σ_B χ, 0)`` (its ε·b/n vanishes)."""
+        cfg, b = self.config, self.config.base_width
+        lr, eps = cfg.lr, cfg.eps
+        self.v = self.v - (lr * b) * self._adam("v", xL @ chi, eps)
+        if self.has_c:
+            self.c = self.c - lr * self._adam("c", chi.sum(0), 0.0)
+        if self.biases[0] is not None:
+            self.biases[0] = self.biases[0] - lr * self._adam("b0", dhs[0].sum(1), eps * b)
+        self.w1 = self.w1 - lr * self._adam("w1", dhs[0] @ xb, eps * b)
+
     def train(self, batches, progress: bool = True) -> list[float]:
         """Run :meth:`step` over an iterable of ``(xb, yb)``; returns the losses."""
         return [self.step(xb, yb) for xb, yb in tqdm(batches, disable=not progress, desc="μP limit")]
 
-    def predict(self, x: torch.Tensor, stderr: bool = False):
-        """Outputs ``[N, k]`` of the limit at its current state (float64); with
-        ``stderr=True`` also their particle standard errors (zeros for the exact method).
-
-        Deterministic: the fresh Gaussians for directions not seen in training are drawn
-        from a generator seeded by ``(seed, steps)``; the training RNG is not touched."""
+    def _evaluate(self, x: torch.Tensor):
+        """Forward pass of the current state on ``x`` without changing it: ``(f [N, k],
+        x^L [D, N])``. The fresh Gaussians for directions not seen in training come from a
+        generator seeded by ``(seed, steps)``: deterministic, and the training RNG is untouched."""
         x = self._check_x(x, "x")
         sp = self.space
         gen = torch.Generator().manual_seed((self.config.seed * 1_000_003 + self.steps + 7919) % 2**62)
@@ -307,11 +356,31 @@ class MuPLimitTrainer:
         finally:
             if used is not None:
                 sp.used = used
+        return f, xs[-1]
+
+    def predict(self, x: torch.Tensor, stderr: bool = False):
+        """Outputs ``[N, k]`` of the limit at its current state (float64); with
+        ``stderr=True`` also their particle standard errors (zeros for the exact method).
+        Deterministic (see :meth:`_evaluate`)."""
+        f, xL = self._evaluate(x)
         if stderr:
-            if sp.exact:
+            if self.space.exact:
                 return f, torch.zeros_like(f)
-            return f, sp.stderr(xs[-1][:, :, None] * self.v[:, None, :])
+            return f, self.space.stderr(xL[:, :, None] * self.v[:, None, :])
         return f
+
+    def feature_kernel(self, x1: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+        """The kernel of the last hidden layer's features at the current state,
+        ``E[x^L(x1_i) x^L(x2_j)]`` ``[N1, N2]`` (float64): the infinite-width limit of
+        ``φ(h^L(x1)) · φ(h^L(x2)) / n`` of the finite μP network. At init it is the NNGP
+        kernel of that layer; training moves it (feature learning). With particles, a
+        particle average; ``x1`` and ``x2`` go through one forward pass so they share
+        the same fresh Gaussians."""
+        n1 = x1.shape[0] if isinstance(x1, torch.Tensor) else 0
+        x = x1 if x2 is None else torch.cat([self._check_x(x1, "x1"), self._check_x(x2, "x2")])
+        _, xL = self._evaluate(x)
+        K = self.space.dot(xL, xL)
+        return K if x2 is None else K[:n1, n1:]
 
     def cost(self) -> dict:
         """Size of the computation so far: ``D`` (particles or atoms), the history size per

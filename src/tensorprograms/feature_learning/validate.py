@@ -24,10 +24,12 @@ from .trainer import MuPLimitTrainer
 @dataclass
 class Run:
     """One training run: ``losses [T]`` (batch loss before each step), ``outputs [N, k]``
-    on the held-out inputs after the last step."""
+    on the held-out inputs after the last step; ``features [N, n]``, when asked for, the
+    input of the readout layer (the last hidden layer's activations) on them."""
 
     losses: torch.Tensor
     outputs: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 def finite_width_run(
@@ -41,16 +43,27 @@ def finite_width_run(
     loss: str = "mse",
     seed: int = 0,
     readout_bias: str | None = None,
+    features_of: str | None = None,
+    optimizer: str = "sgd",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> Run:
-    """Train the finite μP network at ``width`` (float64, seed ``seed``) with plain SGD.
+    """Train the finite μP network at ``width`` (float64, seed ``seed``) with plain SGD
+    (``tp.mup.SGD``) or, ``optimizer="adam"``, ``tp.mup.Adam`` with ``eps·base_width/width``
+    (the limit's convention: ε scales like μP's Θ(1/n) gradients).
 
-    ``readout_bias``: qualified name of the readout's bias, zeroed at init (None: none)."""
+    ``readout_bias``: qualified name of the readout's bias, zeroed at init (None: none).
+    ``features_of``: qualified name of the readout module (e.g. ``"2"`` in an
+    ``nn.Sequential``); its input on ``x_test`` after training is returned as ``features``."""
     torch.manual_seed(seed)
     model = mup.parametrize(factory, width, base_width).double()
     if readout_bias is not None:
         with torch.no_grad():
             dict(model.named_parameters())[readout_bias].zero_()
-    opt = mup.SGD(model, lr=lr)
+    if optimizer == "adam":
+        opt = mup.Adam(model, lr=lr, betas=betas, eps=eps * base_width / width)
+    else:
+        opt = mup.SGD(model, lr=lr)
     fn = F.mse_loss if loss == "mse" else F.cross_entropy
     losses = []
     for xb, yb in batches:
@@ -60,8 +73,16 @@ def finite_width_run(
         value.backward()
         opt.step()
         losses.append(value.item())
+    seen: list[torch.Tensor] = []
+    hook = None
+    if features_of is not None:
+        hook = model.get_submodule(features_of).register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0].detach()))
     with torch.no_grad():
-        return Run(torch.tensor(losses, dtype=torch.float64), model(x_test.double()))
+        out = model(x_test.double())
+    if hook is not None:
+        hook.remove()
+    return Run(torch.tensor(losses, dtype=torch.float64), out, seen[0] if seen else None)
 
 
 def limit_run(trainer: MuPLimitTrainer, batches, x_test: torch.Tensor, progress: bool = False) -> Run:
@@ -124,14 +145,16 @@ def convergence(
     loss: str = "mse",
     readout_bias: str | None = None,
     progress: bool = True,
+    **optimizer,
 ) -> Convergence:
-    """Train ``seeds`` finite μP networks per width and measure their distance to ``limit``."""
+    """Train ``seeds`` finite μP networks per width and measure their distance to ``limit``;
+    ``optimizer``: ``optimizer=``, ``betas=``, ``eps=`` of :func:`finite_width_run`."""
     out, out_se, lo, lo_se = [], [], [], []
     for w in tqdm(list(widths), disable=not progress, desc="finite widths"):
         d_out, d_loss = [], []
         for s in range(seeds):
             run = finite_width_run(factory, w, base_width, batches, x_test, lr=lr, loss=loss, seed=s,
-                                   readout_bias=readout_bias)
+                                   readout_bias=readout_bias, **optimizer)
             d_out.append(float((run.outputs - limit.outputs).pow(2).mean().sqrt()))
             d_loss.append(float((run.losses - limit.losses).pow(2).mean().sqrt()))
         for vals, m, se in ((d_out, out, out_se), (d_loss, lo, lo_se)):

@@ -67,7 +67,8 @@ class InfiniteWidthLimit:
             self.program, self.output = self._lower(example_inputs)
 
     def trainer(self, optimizer: str = "sgd", *, lr: float, loss: str = "mse", method: str = "auto",
-                particles: int = 2**14, seed: int = 0):
+                particles: int = 2**14, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999),
+                eps: float = 1e-8):
         """A trainer of the μP limit (``parametrization="mup"`` only): see
         :func:`tensorprograms.feature_learning.make_trainer` for the arguments."""
         if self.parametrization != "mup":
@@ -77,12 +78,12 @@ class InfiniteWidthLimit:
             )
         from ..feature_learning.build import check_arguments, make_trainer, read_mlp
 
-        check_arguments(optimizer, lr, loss, method, self.base_width, particles)
+        check_arguments(optimizer, lr, loss, method, self.base_width, particles, betas, eps)
         if self._mlp is None:  # the captured MLP and its init laws, read once per limit
             self._mlp = read_mlp(self.factory, self.example_inputs[0], self.base_width, self.variances)
         return make_trainer(self.factory, self.example_inputs[0], self.base_width, optimizer=optimizer,
                             lr=lr, loss=loss, method=method, particles=particles, seed=seed,
-                            variances=self.variances, model=self._mlp)
+                            variances=self.variances, model=self._mlp, betas=betas, eps=eps)
 
     def __reduce__(self):
         """Pickles as its recipe (factory, inputs, settings, current σ² values) and is rebuilt

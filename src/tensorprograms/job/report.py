@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,8 +171,10 @@ def _plots(rows: Sequence[Row], out: Path) -> list[str]:
 
 
 def write_report(rows: Sequence[Row], baselines, out: Path, train: TrainConfig, noise: float,
-                 seconds: float, notes: Sequence[str] = ()) -> str:
-    """Write ``out/report.md`` (+ PNGs); returns the table."""
+                 seconds: float, notes: Sequence[str] = (),
+                 extra: Sequence[tuple[str, str, float, float]] = ()) -> str:
+    """Write ``out/report.md`` (+ PNGs); returns the table. ``extra``: further sections
+    ``(title, markdown, wall seconds, CPU seconds)``, placed before the timings."""
     out.mkdir(parents=True, exist_ok=True)
     tab = table(rows, baselines)
     plots = _plots(rows, out)
@@ -211,9 +213,12 @@ def write_report(rows: Sequence[Row], baselines, out: Path, train: TrainConfig, 
                           f"| {b:.4f} ({c.samples_ntk} nets) |")
         if "convergence.png" in plots:
             md += ["", "![kernel convergence](convergence.png)"]
+    for _, text, _, _ in extra:
+        md += ["", text]
     md += ["", "## Time per row", "", "CPU seconds count all threads; on a shared machine wall time "
            "also includes waiting for cores.", "", "| data | model | wall s | CPU s |", "|---|---|---|---|"]
     md += [f"| {r.dataset} | {r.model} | {r.seconds:.0f} | {r.cpu_seconds:.0f} |" for r in rows]
+    md += [f"| {title} | | {sec:.0f} | {cpu:.0f} |" for title, _, sec, cpu in extra]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return tab
 
@@ -221,8 +226,12 @@ def write_report(rows: Sequence[Row], baselines, out: Path, train: TrainConfig, 
 def run(jobs: Sequence[tuple[Dataset, Sequence[ModelSpec]]], out: str | Path,
         train: TrainConfig | None = None,
         noise: float = 1e-6, convergence_inputs: int = 8, progress: bool = True,
-        baseline: bool = True, notes: Sequence[str] = ()) -> tuple[list[Row], str]:
-    """Evaluate every (data set, model) pair, write the report to ``out``, print the table."""
+        baseline: bool = True, notes: Sequence[str] = (),
+        sections: Sequence[tuple[str, Callable[[Path, bool], str]]] = ()) -> tuple[list[Row], str]:
+    """Evaluate every (data set, model) pair, write the report to ``out``, print the table.
+
+    ``sections``: ``(title, fn)`` pairs run after the rows; ``fn(out, progress)`` returns a
+    Markdown section for the report (it may write plots into ``out``)."""
     train = train or TrainConfig()
     start = time.perf_counter()
     rows, baselines = [], {}
@@ -238,7 +247,13 @@ def run(jobs: Sequence[tuple[Dataset, Sequence[ModelSpec]]], out: str | Path,
             bar.update(1)
     bar.close()
     out = Path(out)
-    tab = write_report(rows, baselines, out, train, noise, time.perf_counter() - start, notes)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = []
+    for title, fn in sections:
+        t0, c0 = time.perf_counter(), time.process_time()
+        text = fn(out, progress)
+        extra.append((title, text, time.perf_counter() - t0, time.process_time() - c0))
+    tab = write_report(rows, baselines, out, train, noise, time.perf_counter() - start, notes, extra)
     print(tab)
     print(f"\nreport: {out / 'report.md'}")
     return rows, tab
