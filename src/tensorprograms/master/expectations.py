@@ -61,6 +61,7 @@ class Expectations:
         self.mc_samples = mc_samples
         self.seed = seed
         self.memory_budget = memory_budget
+        self._structure = None  # polynomial structure of the program's vectors (polynomial.py)
 
     # ---------------------------------------------------------------- rule choice
     def _rule(
@@ -254,6 +255,14 @@ class Expectations:
             [torch.cat([self.cov(a, b).reshape(a.numel, b.numel) for b in leaves], 1)
              for a in leaves], 0,
         )
+        if self.backend in ("auto", "quadrature"):
+            from . import polynomial  # (it builds on this module)
+
+            if self._structure is None:
+                self._structure = polynomial.Structure()
+            est = polynomial.integrate(self, self._structure, fs, key, leaves, joint)
+            if est is not None:
+                return est
         root = self._root(joint)
         backend, settings = self._rule(root.shape[-1], key, False, joint.diagonal())
         z_all, w_all = rules.flat_points(root, backend, **settings)  # [Q, D], [Q]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -25,6 +26,19 @@ def gauss_hermite(order: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     nodes = np.array(list(itertools.product(x, repeat=dim)), dtype=np.float64).reshape(-1, dim)
     weights = np.prod(np.array(list(itertools.product(w, repeat=dim))), axis=1)
     return torch.from_numpy(nodes), torch.from_numpy(weights)
+
+
+def exact_polynomial_rule(degree: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes ``[Q, dim]`` and weights ``[Q]`` integrating every polynomial of total degree
+    ≤ ``degree`` exactly against N(0, I_dim): the origin for degree ≤ 1, the 2·dim points
+    ±√dim·e_i (weights 1/(2 dim), Stroud's degree-3 rule) for degree ≤ 3, a tensor
+    Gauss–Hermite grid of ⌊degree/2⌋ + 1 nodes per dimension above."""
+    if dim == 0 or degree <= 1:
+        return torch.zeros(1, dim, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    if degree <= 3:
+        eye = torch.eye(dim, dtype=torch.float64) * math.sqrt(dim)
+        return torch.cat([eye, -eye]), torch.full((2 * dim,), 0.5 / dim, dtype=torch.float64)
+    return gauss_hermite(degree // 2 + 1, dim)
 
 
 def monte_carlo(samples: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +165,21 @@ def drop_null_columns(L: torch.Tensor) -> torch.Tensor:
     return L[..., keep.nonzero().reshape(-1)]
 
 
+def standard_nodes(L: torch.Tensor, rule: str, order: int = 0, samples: int = 0, seed: int = 0):
+    """The rule of :func:`points` for one ``[d, k]`` root as nodes ξ ``[Q, k]`` of N(0, I_k)
+    and weights ``[Q]`` (the polar rule's cuts come from L's rows)."""
+    k = L.shape[-1]
+    if rule == "monte_carlo":
+        return monte_carlo(samples, k, seed)
+    if k == 1:
+        return split_line(order)
+    if k == 2:
+        r, wr, theta, wtheta = polar_nodes(L, order)
+        xi = torch.stack([r[:, None] * torch.cos(theta), r[:, None] * torch.sin(theta)], -1)
+        return xi.reshape(-1, 2), (wr[:, None] * wtheta).reshape(-1)
+    return gauss_hermite(order, k)
+
+
 def points(L: torch.Tensor, rule: str, order: int = 0, samples: int = 0, seed: int = 0):
     """Integration points z = L·ξ for ξ ~ N(0, I_k) and their weights.
 
@@ -161,15 +190,9 @@ def points(L: torch.Tensor, rule: str, order: int = 0, samples: int = 0, seed: i
     (split 1-D, polar 2-D, Gauss–Hermite grid otherwise, one node for k = 0) and
     ``"monte_carlo"``.
     """
-    k = L.shape[-1]
-    if rule == "monte_carlo":
-        nodes, weights = monte_carlo(samples, k, seed)
-    elif k == 1:
-        nodes, weights = split_line(order)
-    elif k == 2:
-        return polar_points(L, order)
-    else:
-        nodes, weights = gauss_hermite(order, k)
+    if rule != "monte_carlo" and L.shape[-1] == 2:
+        return polar_points(L, order)  # its angles depend on L (batched), unlike the other rules
+    nodes, weights = standard_nodes(L, rule, order, samples, seed)
     z = torch.einsum("...ij,qj->...iq", L, nodes)
     return [z[..., i, :] for i in range(L.shape[-2])], lambda values: values @ weights
 
