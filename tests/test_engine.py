@@ -198,3 +198,17 @@ def test_shared_leaf_makes_a_four_argument_pair_integral_three_dimensional():
     assert L.records[-1].backend == "quadrature" and L.stderr(y).abs().max() == 0
     # 3-D Gauss–Hermite (order 28) on tanh against the 2-D polar rule
     torch.testing.assert_close(got, L.second_moment(y_ref), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("d, da", [(30, 2), (30, 0), (40, 7), (12, 3)])
+def test_block_root_of_general_and_polynomial_coordinates(d, da):
+    """The root the polynomial rule integrates with (master/polynomial.py): L_A L_Aᵀ + L_B L_Bᵀ
+    = Σ, the first da (general) coordinates free of ξ_B, rank-deficient Σ without null columns;
+    large Σ by blocks (eigen-roots), small by the PSD Cholesky."""
+    from tensorprograms.master.polynomial import _block_root
+
+    A = torch.randn(d, d - 5, generator=torch.Generator().manual_seed(d + da), dtype=torch.float64)
+    sigma = A @ A.T
+    la, lb = _block_root(sigma, da)
+    torch.testing.assert_close(la @ la.T + lb @ lb.T, sigma, rtol=0, atol=1e-12 * sigma.abs().max().item())
+    assert (lb[:da] == 0).all() and la.shape[1] + lb.shape[1] == d - 5

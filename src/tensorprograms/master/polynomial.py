@@ -36,6 +36,8 @@ from .factors import Factor
 
 # At most this many nodes over the polynomial directions of degree > 3 (else the caller's rule)
 MAX_POLY_NODES = 1 << 12
+# The element-by-element PSD Cholesky up to this many coordinates (O(d³) small tensor ops)
+CHOLESKY_MAX = 24
 
 
 def _kind(target) -> tuple[str, tuple]:
@@ -177,6 +179,30 @@ def gradient(ex, structure: Structure, f: Factor, key: str, leaves: list[Vector]
     return a_idx, b_idx, est.value
 
 
+def _block_root(sigma: torch.Tensor, da: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_A, L_B)`` with ``L_A L_Aᵀ + L_B L_Bᵀ = sigma`` and ``L_B``'s first ``da`` rows zero
+    (the first ``da`` coordinates depend on ξ_A only), without null columns.
+
+    Small: the PSD Cholesky (a coordinate dependent on earlier ones up to its own variance's
+    rounding is dropped). Large (> CHOLESKY_MAX coordinates, e.g. many positions): a root of
+    Σ_AA, ``L_BA = Σ_BA L_AA⁺ᵀ`` and an eigen-root of the Schur complement."""
+    d = sigma.shape[0]
+    if d <= CHOLESKY_MAX:
+        L = rules.psd_cholesky(sigma)
+        return rules.drop_null_columns(L[:, :da]), rules.drop_null_columns(L[:, da:])
+    saa, sab, sbb = sigma[:da, :da], sigma[:da, da:], sigma[da:, da:]
+    if da == 0:
+        laa = sigma.new_zeros(0, 0)
+    else:
+        laa = rules.drop_null_columns(rules.psd_cholesky(saa) if da <= 6 else rules.psd_sqrt(saa, 1e-13))
+    lba = sab.T @ torch.linalg.pinv(laa).T  # [d_B, r_A]
+    schur = sbb - lba @ lba.T
+    lbb = rules.drop_null_columns(rules.psd_sqrt((schur + schur.T) / 2, 1e-13))
+    la = torch.cat([laa, lba], 0)
+    lb = torch.cat([torch.zeros(da, lbb.shape[1], dtype=sigma.dtype), lbb], 0)
+    return la, lb
+
+
 def _integrate(ex, key: str, leaves: list[Vector], joint: torch.Tensor, general: frozenset,
                degree: int, fn, shape: tuple[int, ...]) -> Estimate | None:
     """``E[fn(Z)]`` for ``fn``: leaf values ``[Q, *F_leaf]`` (in ``leaves`` order) → ``[Q, |shape|]``,
@@ -190,10 +216,8 @@ def _integrate(ex, key: str, leaves: list[Vector], joint: torch.Tensor, general:
     ξ_A draws only)."""
     a_idx, b_idx = _coords(leaves, general)
     perm = torch.tensor(a_idx + b_idx)
-    L = rules.psd_cholesky(joint[perm][:, perm])
     da = len(a_idx)
-    la = rules.drop_null_columns(L[:, :da])  # [D, r_A]
-    lb = rules.drop_null_columns(L[:, da:])  # [D, r_B]
+    la, lb = _block_root(joint[perm][:, perm], da)  # [D, r_A], [D, r_B]
     ra, rb = la.shape[-1], lb.shape[-1]
     if degree > 3 and (degree // 2 + 1) ** rb > MAX_POLY_NODES:
         return None
