@@ -12,10 +12,11 @@ This module turns a Netsor⊤ program P into a Netsor program Q with the same li
 each ``W @ x`` becomes a MatMul by a forward copy of W (its Ẑ) plus the linear correction
 Ż, each ``W.T @ u`` a MatMul by an independent backward copy plus its Ż. The
 coefficients ``E[∂Z^x/∂Ẑ]`` come from the chain rule through the G-vars x's Nonlins read
-(exact coefficient matrices) and Stein's lemma on those G-vars only,
-``E[∇_G Z^x] = Cov(G)⁺ E[G Z^x]``, with ``E[G Z^x]`` from the engine's own expectation
-backends: linear programs need no expectation at all (exact to rounding at any order),
-nonlinear ones use closed forms, quadrature or Monte Carlo.
+(exact coefficient matrices) and ``E[∂Z^x/∂G]`` (:func:`leaf_gradients`): integrated
+directly in the G's where Z^x is a polynomial (polynomial.py), Stein's lemma
+``Σ_AA⁺ E[G_A Z^x]`` (corrected for the polynomial part) in the others. Linear programs
+need no expectation at all (exact to rounding at any order); nonlinear ones use closed
+forms, quadrature or, past three general dimensions, Monte Carlo.
 """
 
 from __future__ import annotations
