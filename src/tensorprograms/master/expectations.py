@@ -61,6 +61,7 @@ class Expectations:
         self.mc_samples = mc_samples
         self.seed = seed
         self.memory_budget = memory_budget
+        self._structure = None  # polynomial structure of the program's vectors (polynomial.py)
 
     # ---------------------------------------------------------------- rule choice
     def _rule(
@@ -99,11 +100,22 @@ class Expectations:
         return "monte_carlo", {"samples": self.mc_samples, "seed": seed}
 
     @staticmethod
-    def _size(dim: int, settings: dict) -> int:
+    def _size(dim: int, settings: dict, rows: int = 2) -> int:
+        """Nodes of the rule for ``dim`` independent normals (``rows`` coordinates: the polar
+        rule has two sectors per coordinate)."""
         if "samples" in settings:
             return settings["samples"]
         order = settings["order"]
-        return order * 4 * max(8, order // 2) if dim == 2 else (2 * order if dim == 1 else order**dim)
+        if dim == 2:
+            return order * 2 * max(2, rows) * max(8, order // 2)
+        return 2 * order if dim == 1 else order**dim
+
+    @staticmethod
+    def _root(sigma: torch.Tensor) -> torch.Tensor:
+        """``L`` with ``L Lᵀ = sigma`` (``[..., k, k]``), without the columns of exactly dependent
+        coordinates (``[..., k, r]``, r = the rank shared by every batch entry)."""
+        k = sigma.shape[-1]
+        return rules.drop_null_columns(rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma, 1e-13))
 
     # ---------------------------------------------------------------- covariance blocks
     def _flat_block(self, f: Factor, g: Factor, i: int, j: int, paired: bool) -> torch.Tensor:
@@ -125,13 +137,16 @@ class Expectations:
                  for i in range(k)], -2,
             )  # [K, k, k]
             closed = f.terms is not None and closed_form.mean(f.terms, sigma[:, 0, 0]) is not None
-            backend, settings = self._rule(k, key, closed, sigma.diagonal(dim1=-2, dim2=-1))
+            L, rank = None, k
+            if not (closed and self.backend in ("auto", "closed_form")):
+                L = self._root(sigma)  # the rule is chosen for sigma's rank, not the leaf count
+                rank = L.shape[-1]
+            backend, settings = self._rule(rank, key, closed, sigma.diagonal(dim1=-2, dim2=-1))
             if backend == "closed_form":
                 val = closed_form.mean(f.terms, sigma[:, 0, 0])
                 return Estimate(val.reshape(f.shape), None, backend, k)
-            L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
             out, out2 = [], []
-            rows = max(1, self.memory_budget // max(1, self._size(k, settings) * k))
+            rows = max(1, self.memory_budget // max(1, self._size(rank, settings, k) * k))
             for start in range(0, f.numel, rows):
                 sl = slice(start, start + rows)
                 z, reduce = rules.points(L[sl], backend, **settings)
@@ -179,7 +194,7 @@ class Expectations:
             )
             return Estimate(val.reshape(shape), None, backend, k)
         nf, ng = f.numel, g.numel
-        q = self._size(k, settings)
+        q = self._size(k, settings, k)
         mc = backend == "monte_carlo"
         # A second moment of a vector with itself is symmetric: compute tiles on and above
         # the diagonal only.
@@ -187,6 +202,7 @@ class Expectations:
         tile = max(1, int((self.memory_budget / max(1, q * k)) ** 0.5))
         m1 = torch.zeros(nf, ng, dtype=torch.float64)
         m2 = torch.zeros(nf, ng, dtype=torch.float64) if mc else m1
+        used_mc = False
         for r0 in range(0, nf, tile):
             rows = slice(r0, min(nf, r0 + tile))
             for c0 in range(r0 if symmetric else 0, ng, tile):
@@ -202,8 +218,13 @@ class Expectations:
                 for i in range(kg):
                     for j in range(kg):
                         sigma[..., kf + i, kf + j] = gg[i][j][cols][None, :]
-                L = rules.psd_cholesky(sigma) if k <= 6 else rules.psd_sqrt(sigma)
-                z, reduce = rules.points(L, backend, **settings)  # k tensors [r, c, *Q]
+                L = self._root(sigma)
+                tile_backend, tile_settings = backend, settings
+                # exactly dependent leaves (a vector paired with c·itself): the true dimension's rule
+                if L.shape[-1] < k and self.backend != "monte_carlo":
+                    tile_backend, tile_settings = self._rule(L.shape[-1], key, False, diag)
+                used_mc |= tile_backend == "monte_carlo"
+                z, reduce = rules.points(L, tile_backend, **tile_settings)  # k tensors [r, c, *Q]
                 lead = (1,) * (z[0].ndim - 2)
                 yf = f.run(z[:kf], lambda t, rows=rows, lead=lead: t[rows].reshape(-1, 1, *lead))
                 yg = g.run(z[kf:], lambda t, cols=cols, lead=lead: t[cols].reshape(1, -1, *lead))
@@ -213,10 +234,12 @@ class Expectations:
                 if symmetric:
                     m1[cols, rows] = block.T
                 if mc:
-                    block2 = reduce(prod * prod)
+                    block2 = reduce(prod * prod) if tile_backend == "monte_carlo" else block * block
                     m2[rows, cols] = block2
                     if symmetric:
                         m2[cols, rows] = block2.T
+        if mc and not used_mc:  # every tile was of lower rank: all quadrature
+            backend = "quadrature"
         return self._finish(m1, m2, settings, backend, shape, k)
 
     # ---------------------------------------------------------------- joint mode
@@ -232,8 +255,16 @@ class Expectations:
             [torch.cat([self.cov(a, b).reshape(a.numel, b.numel) for b in leaves], 1)
              for a in leaves], 0,
         )
-        backend, settings = self._rule(dim, key, False, joint.diagonal())
-        root = rules.psd_cholesky(joint) if dim <= 6 else rules.psd_sqrt(joint)
+        if self.backend in ("auto", "quadrature"):
+            from . import polynomial  # (it builds on this module)
+
+            if self._structure is None:
+                self._structure = polynomial.Structure()
+            est = polynomial.integrate(self, self._structure, fs, key, leaves, joint)
+            if est is not None:
+                return est
+        root = self._root(joint)
+        backend, settings = self._rule(root.shape[-1], key, False, joint.diagonal())
         z_all, w_all = rules.flat_points(root, backend, **settings)  # [Q, D], [Q]
         q = z_all.shape[0]
         per = max(1, self.memory_budget // max(1, sum(f.numel for f in fs) + dim))

@@ -37,6 +37,7 @@ class Factor:
     maps: list[torch.Tensor] | None  # flat mode: per leaf, output flat index -> leaf flat index
     run: Callable[..., torch.Tensor] = field(repr=False)
     terms: closed_form.Terms | None = None  # closed form: f = terms(single leaf)
+    target: Any = field(default=None, repr=False)  # the Vector or Moment it computes
 
     @property
     def flat(self) -> bool:
@@ -130,7 +131,7 @@ class FactorBuilder:
         except NotElementwise:
             return None
         terms = self._terms(target) if len(leaves) == 1 else None
-        return Factor(tuple(shape), leaves, maps, run, terms)
+        return Factor(tuple(shape), leaves, maps, run, terms, target)
 
     # ------------------------------------------------------------------ joint
     def joint(self, target: Vector | Moment) -> Factor:
@@ -167,4 +168,4 @@ class FactorBuilder:
         spec = self._spec(target)
         inner = build(target) if spec is None else node(spec, None)
         shape = target.out.shape if isinstance(target, Moment) else target.shape
-        return Factor(tuple(shape), leaves, None, lambda vals: inner(vals, {}), self._terms(target))
+        return Factor(tuple(shape), leaves, None, lambda vals: inner(vals, {}), self._terms(target), target)

@@ -12,10 +12,11 @@ This module turns a Netsor⊤ program P into a Netsor program Q with the same li
 each ``W @ x`` becomes a MatMul by a forward copy of W (its Ẑ) plus the linear correction
 Ż, each ``W.T @ u`` a MatMul by an independent backward copy plus its Ż. The
 coefficients ``E[∂Z^x/∂Ẑ]`` come from the chain rule through the G-vars x's Nonlins read
-(exact coefficient matrices) and Stein's lemma on those G-vars only,
-``E[∇_G Z^x] = Cov(G)⁺ E[G Z^x]``, with ``E[G Z^x]`` from the engine's own expectation
-backends: linear programs need no expectation at all (exact to rounding at any order),
-nonlinear ones use closed forms, quadrature or Monte Carlo.
+(exact coefficient matrices) and ``E[∂Z^x/∂G]`` (:func:`leaf_gradients`): integrated
+directly in the G's where Z^x is a polynomial (polynomial.py), Stein's lemma
+``Σ_AA⁺ E[G_A Z^x]`` (corrected for the polynomial part) in the others. Linear programs
+need no expectation at all (exact to rounding at any order); nonlinear ones use closed
+forms, quadrature or, past three general dimensions, Monte Carlo.
 """
 
 from __future__ import annotations
@@ -40,21 +41,16 @@ def stein_gradient(limit, x: Vector, atom: Vector) -> torch.Tensor:
     ``∂Z^x/∂Z^{atom} = Σ_j ∂Z^x/∂Z^{G_j} · M_{G_j, atom}`` with ``M`` the exact coefficient
     matrices of the Gaussian basis. A Gaussian x is its own leaf (the gradient is its
     coefficient, no expectation at all), so linear programs stay exact Gram computations
-    at every order. For a nonlinear x only ``E[∂Z^x/∂Z^G]`` needs Stein's lemma,
-    ``Cov(G)⁺ E[G Z^x]``, over the few leaves x reads, not over every atom of the program
-    (whose Krylov-type Gram matrices are ill-conditioned and would cost digits).
+    at every order. For a nonlinear x, ``E[∂Z^x/∂Z^G]`` comes from :func:`leaf_gradients`.
     """
     basis = limit._basis
     if x.is_gaussian:
         m = basis.coefficients(x).get(atom)
         return torch.zeros(x.numel, atom.numel, dtype=torch.float64) if m is None else m
-    leaves = [g for g in limit._joint_factor(x).leaves if atom in basis.coefficients(g)]
-    if not leaves:
-        return torch.zeros(x.numel, atom.numel, dtype=torch.float64)
     all_leaves = limit._joint_factor(x).leaves
-    sigma = basis.joint_cov(all_leaves)
-    cross = torch.cat([limit.second_moment(g, x).reshape(g.numel, x.numel) for g in all_leaves], 0)
-    grad = torch.linalg.pinv(sigma, hermitian=True, rtol=1e-12) @ cross  # [D, |F_x|]
+    if not any(atom in basis.coefficients(g) for g in all_leaves):
+        return torch.zeros(x.numel, atom.numel, dtype=torch.float64)
+    grad = leaf_gradients(limit, x)  # [D, |F_x|]
     total = torch.zeros(x.numel, atom.numel, dtype=torch.float64)
     start = 0
     for g in all_leaves:
@@ -63,6 +59,44 @@ def stein_gradient(limit, x: Vector, atom: Vector) -> torch.Tensor:
             total = total + grad[start:start + g.numel].T @ m
         start += g.numel
     return total
+
+
+def leaf_gradients(limit, x: Vector) -> torch.Tensor:
+    """``E[∂Z^x/∂Z^G]`` over the flattened leaves G of x's factor: ``[D, |F_x|]`` (cached).
+
+    Where x is a polynomial in some leaves (linear maps and products of them, as every
+    vector of a Jacobian applied repeatedly is), those derivatives are integrated directly
+    (``polynomial.gradient``, exact quadrature, no inverse); Stein's lemma
+    ``E[∇_G Z^x] = Cov(G)⁺ E[G Z^x]`` is used for the others only, over their own small
+    covariance. Inverting the whole leaf covariance instead, a Krylov-type Gram matrix for
+    repeated Jacobians, turned rounding into O(1) errors by the 6th power.
+    """
+    cache = limit.__dict__.setdefault("_leaf_gradients", {})
+    if x in cache:
+        return cache[x]
+    from . import polynomial
+
+    factor = limit._joint_factor(x)
+    leaves = factor.leaves
+    sigma = limit._basis.joint_cov(leaves)
+    ex = limit._ex
+    if ex._structure is None:
+        ex._structure = polynomial.Structure()
+    split = polynomial.gradient(ex, ex._structure, factor, f"E[∇{x.name}]", leaves, sigma)
+    a_leaves = leaves if split is None else [g for g in leaves if g in ex._structure.general(x)]
+    cross = [limit.second_moment(g, x).reshape(g.numel, x.numel) for g in a_leaves]
+    if split is None:
+        grad = torch.linalg.pinv(sigma, hermitian=True, rtol=1e-12) @ torch.cat(cross, 0)
+    else:
+        a_idx, b_idx, grad_b = split
+        grad = torch.zeros(sigma.shape[0], x.numel, dtype=torch.float64)
+        grad[b_idx] = grad_b
+        if a_idx:
+            rhs = torch.cat(cross, 0) - sigma[a_idx][:, b_idx] @ grad_b
+            saa = sigma[a_idx][:, a_idx]
+            grad[a_idx] = torch.linalg.pinv(saa, hermitian=True, rtol=1e-12) @ rhs
+    cache[x] = grad
+    return grad
 
 
 def _correction(kappas: list[torch.Tensor], shapes: list[tuple[int, ...]], out_shape) -> Callable:

@@ -3,7 +3,7 @@ infinite-width limit, the classical laws (semicircle, Marchenkoâ€“Pastur, Fussâ€
 functions and as Tensor Programs, and finite-width spectra to compare with."""
 
 from . import examples, free
-from .empirical import EmpiricalSpectrum, empirical, plot_spectrum
+from .empirical import EmpiricalSpectrum, MomentLimit, empirical, extrapolate_moment, plot_spectrum
 from .jacobian import JacobianLaw, hidden_layers, jacobian_spectrum, master_theorem_moments
 from .laws import (
     SpectralLaw,
@@ -19,10 +19,12 @@ from .laws import (
 __all__ = [
     "EmpiricalSpectrum",
     "JacobianLaw",
+    "MomentLimit",
     "SpectralLaw",
     "catalan",
     "empirical",
     "examples",
+    "extrapolate_moment",
     "free",
     "free_product",
     "fuss_catalan",

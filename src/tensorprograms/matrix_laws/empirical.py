@@ -113,11 +113,61 @@ def _value_shape(gm, x, name: str) -> tuple[int, ...]:
     return tuple(Probe.value.shape)
 
 
+@dataclass
+class MomentLimit:
+    """The n → ∞ limit of a finite-width moment, from :func:`extrapolate_moment`.
+
+    Attributes:
+        k: the moment's order.
+        limit, stderr: the fitted ``a`` of ``m_k(n) = a + b/n`` and its standard error.
+        slope: the fitted ``b`` (the O(1/n) bias at width n is ``b/n``).
+        chi2, dof: goodness of fit, ``Σ_n (m̂_n − a − b/n)²/se_n²`` on ``#widths − 2`` degrees.
+        stderr_dof: the Welch–Satterthwaite degrees of freedom of ``stderr`` (each width's
+            standard error is estimated from its seeds): compare ``(limit − m_k)/stderr`` with
+            Student's t on that many degrees, not a normal.
+    """
+
+    k: int
+    limit: float
+    stderr: float
+    slope: float
+    chi2: float
+    dof: int
+    stderr_dof: float
+
+
+def extrapolate_moment(spectra: Sequence[EmpiricalSpectrum], k: int) -> MomentLimit:
+    """``m_k(n) = a + b/n`` fitted by weighted least squares (weights ``1/se_n²``) to the
+    seed-averaged moments at three or more widths.
+
+    A finite-width moment ``(1/n) tr (JᵀJ)^k`` has an O(1/n) bias, while its standard error
+    over s seeds falls only like ``1/√(n s)`` (roughly: the D's are n samples of φ'(h)), so a
+    comparison at one width is off by ~√(s/n) standard errors, more with more seeds. The
+    intercept ``a`` has no O(1/n) bias, and its standard error comes from the widths'."""
+    if len(spectra) < 3:
+        raise ValueError(f"extrapolate_moment needs at least 3 widths (2 parameters and a check), "
+                         f"got {len(spectra)}")
+    if any(sp.seeds < 2 for sp in spectra):
+        raise ValueError("extrapolate_moment needs at least 2 seeds per width for standard errors")
+    n = np.array([sp.width for sp in spectra], dtype=float)
+    m, se = np.array([sp.moment(k) for sp in spectra]).T
+    X = np.stack([np.ones_like(n), 1.0 / n], 1)
+    w = 1.0 / se**2
+    cov = np.linalg.inv(X.T @ (w[:, None] * X))
+    coef = cov @ X.T @ (w * m)
+    c = (cov @ X.T * w)[0]  # a = Σ_n c_n m̂_n
+    parts = (c * se) ** 2
+    dof_n = np.array([sp.seeds - 1 for sp in spectra], dtype=float)
+    chi2 = float(np.sum(w * (m - X @ coef) ** 2))
+    return MomentLimit(k, float(coef[0]), float(np.sqrt(cov[0, 0])), float(coef[1]), chi2, len(n) - 2,
+                       float(parts.sum() ** 2 / np.sum(parts**2 / dof_n)))
+
+
 def empirical(
     factory: Callable[[int], torch.nn.Module],
     x: torch.Tensor,
     widths: Sequence[int],
-    seeds: int = 8,
+    seeds: int | Sequence[int] = 8,
     start: int = 0,
     end: int | None = None,
     law: JacobianLaw | None = None,
@@ -130,21 +180,23 @@ def empirical(
         factory, x, start, end: as for :func:`jacobian_spectrum` (layers are located in the
             same lowered program, so the limit and the finite-width spectra are of the same
             matrix).
-        widths: the widths n; seeds: networks per width (built with seeds seed … seed+seeds−1).
+        widths: the widths n; seeds: networks per width (built with seeds seed … seed+seeds−1),
+            one number for all widths or one per width (more at small widths is cheap).
         law: a law already computed for this factory/x/start/end (saves a capture).
 
     Returns:
         One :class:`EmpiricalSpectrum` per width.
     """
     x = _one_input(x)
-    if seeds < 1:
-        raise ValueError(f"seeds must be positive, got {seeds}")
     if not widths or any((not isinstance(n, int)) or n < 2 for n in widths):
         raise ValueError(f"widths must be a non-empty list of integers >= 2, got {widths!r}")
+    per_width = [seeds] * len(widths) if isinstance(seeds, int) else list(seeds)
+    if len(per_width) != len(widths) or any((not isinstance(s, int)) or s < 1 for s in per_width):
+        raise ValueError(f"seeds must be a positive integer or one per width ({len(widths)}), got {seeds!r}")
     law = law if law is not None else jacobian_spectrum(factory, x, start, end)
     out = []
-    bar = tqdm(total=len(widths) * seeds, desc="Jacobian spectra", disable=not progress)
-    for n in widths:
+    bar = tqdm(total=sum(per_width), desc="Jacobian spectra", disable=not progress)
+    for n, seeds in zip(widths, per_width, strict=True):
         model = build(factory, n, seed).to(torch.float64).eval()
         gm = _export(model, (x,)).module()  # core ATen, as the frontend lowered it (same node names)
         start_name, end_name = law.node_names

@@ -35,7 +35,8 @@ from . import free
 from .laws import SpectralLaw, free_product
 
 WEIGHTS = ("auto", "gaussian", "orthogonal")
-_HERMITE_ORDER = 100
+_LEGENDRE_ORDER = 100  # nodes per half-line for the law of φ'(h)²
+_RADIUS = 13.0  # the standard normal truncated at 13 (mass e^{-84} beyond)
 # Gauss–Hermite orders for the cross-check (the engine's defaults leave ~1e-5 on tanh's φ'²)
 _MT_ORDERS = {1: 200, 2: 120, 3: 48}
 
@@ -144,12 +145,22 @@ def hidden_layers(limit) -> list[HiddenLayer]:
     return layers
 
 
-def _d2_factor(layer: HiddenLayer, order: int = _HERMITE_ORDER) -> free.Factor:
-    """The law of ``φ'(h)²``, h ~ N(0, q), as Gauss–Hermite atoms."""
-    t, w = np.polynomial.hermite_e.hermegauss(order)
-    h = torch.tensor(np.sqrt(layer.q) * t, dtype=torch.float64).reshape(-1, 1)
+def _d2_factor(layer: HiddenLayer, order: int = _LEGENDRE_ORDER) -> free.Factor:
+    """The law of ``φ'(h)²``, h ~ N(0, q), as quadrature atoms: Gauss–Legendre on each
+    half-line of the standard normal, ``[−13, 0]`` and ``[0, 13]`` (``order`` nodes each;
+    equal atoms merged). Split at 0, it is exact to rounding for φ' with a jump there
+    (ReLU's step), and unlike Gauss–Hermite it resolves the high moments of peaked laws:
+    ``E[sech(√q z)^{4k}]`` to ~1e-13 for k ≤ 10, q ≤ 4, where 100 Hermite atoms were 1e-4
+    off at k = 6 (the free product's m₆ inherited it)."""
+    x, w = np.polynomial.legendre.leggauss(order)
+    half = (x + 1) / 2 * _RADIUS
+    wh = w * _RADIUS / 2 * np.exp(-half**2 / 2)
+    z, wz = np.concatenate([-half[::-1], half]), np.concatenate([wh[::-1], wh])
+    h = torch.tensor(np.sqrt(layer.q) * z, dtype=torch.float64).reshape(-1, 1)
     d2 = _phi_prime(layer.phi, h).reshape(-1).numpy() ** 2
-    return free.discrete(d2, w / w.sum())
+    atoms, inverse = np.unique(d2, return_inverse=True)
+    weights = np.bincount(inverse.reshape(-1), weights=wz)
+    return free.discrete(atoms, weights / weights.sum())
 
 
 def _select(n: int, start: int, end: int | None) -> tuple[int, int]:
@@ -243,7 +254,8 @@ def _one_input(x) -> torch.Tensor:
 
 
 def master_theorem_moments(
-    law: JacobianLaw, order: int, mc_samples: int = 2**16, seed: int = 0
+    law: JacobianLaw, order: int, mc_samples: int = 2**16, seed: int = 0, replicas: int = 4,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``([m_1, …, m_order], stderr)`` of ``JᵀJ`` by the Master Theorem on a Netsor⊤ program: the
     forward pass from ``h_start`` (Gaussian of variance ``q_start``) through the same W's,
@@ -251,12 +263,32 @@ def master_theorem_moments(
     matrices are iid Gaussian). No freeness is assumed: TP IV's Ż terms would carry any
     correlation between the D's and the W's.
 
-    The standard errors are those the engine reports for its Monte Carlo expectations
-    (later moments need expectations over more than three Gaussians); they are not
-    propagated through the Ż coefficients, so they understate the error at high order."""
+    Every vector of this program is a polynomial (linear) in the Jacobian chain's Gaussian
+    directions times functions of the preactivations, so the engine integrates the former
+    exactly and the latter by quadrature: the moments are deterministic and agree with the
+    free product to ~1e-12 relative (tests: tanh, erf, ReLU, one to four layers, orders
+    1–6), and ``stderr`` is zeros. If some expectation still needs Monte Carlo (more than
+    three preactivation directions at once, or ``backend="monte_carlo"``), the program is
+    solved ``replicas`` times with independent seeds and ``stderr`` is the standard error of
+    the mean over those solutions: it covers every Monte Carlo estimate in the chain, the
+    Stein coefficients and the covariances they feed included (the engine's per-expectation
+    errors do not)."""
     if any(k != "gaussian" for k in law.weights):
         raise ValueError("master_theorem_moments builds Gaussian matrices; the law has orthogonal "
                          "weights (their moments are exact from the free product).")
+    values, monte_carlo = _program_moments(law, order, mc_samples, seed, backend)
+    if not monte_carlo:
+        return values, np.zeros_like(values)
+    if replicas < 2:
+        raise ValueError(f"replicas must be at least 2 to estimate a standard error, got {replicas}")
+    runs = np.stack([values] + [_program_moments(law, order, mc_samples, seed + 7919 * r, backend)[0]
+                                for r in range(1, replicas)])
+    return runs.mean(0), runs.std(0, ddof=1) / np.sqrt(replicas)
+
+
+def _program_moments(law: JacobianLaw, order: int, mc_samples: int, seed: int,
+                     backend: str) -> tuple[np.ndarray, bool]:
+    """The program's moments and whether any expectation used Monte Carlo."""
     P = Program()
     layers = law.layers[law.start : law.end + 1]
     h = P.vector("h0", variance=layers[0].q)
@@ -283,7 +315,6 @@ def master_theorem_moments(
             u = y if i == last else P.nonlin(F.product, ds[i], y)
             y = P.lincomb([coefs[i]], [Ws[i].T @ u])
         powers.append(y)
-    L = master_theorem(P, mc_samples=mc_samples, seed=seed, quadrature_orders=_MT_ORDERS)
+    L = master_theorem(P, backend=backend, mc_samples=mc_samples, seed=seed, quadrature_orders=_MT_ORDERS)
     values = np.array([float(L.second_moment(v, p)) for p in powers])
-    stderr = np.array([float(L.stderr(v, p)) for p in powers])
-    return values, stderr
+    return values, any("monte_carlo" in r.backend for r in L.records)
