@@ -28,7 +28,7 @@ from ..program.calling import call_full, common_rank, is_elementwise
 from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Matrix, Scalar, Vector
-from .batch_owner import SHARED, batch_owners, one_hot_owner
+from .batch_owner import SHARED, batch_owners, pool_by_owner
 
 
 def _vjp_fn(fn, shapes, i: int, out_shape, nparams: int, linear: bool):
@@ -278,7 +278,6 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             continue
         theta = torch.zeros(batch, batch, dtype=torch.float64)
         for a_i, d_i, f_i in items:
-            O_i = one_hot_owner(owners[f_i], batch)
             if (owners[f_i] == SHARED).any():
                 raise UnsupportedOperation(f"NTK: {f_i.name} is shared across the batch")
             for a_j, d_j, f_j in items:
@@ -287,7 +286,7 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                     D = torch.einsum("a,b->ab", d_i.reshape(-1), d_j.reshape(-1)).reshape(C.shape)
                 else:
                     D = limit.second_moment(d_i, d_j)
-                O_j = one_hot_owner(owners[f_j], batch)
-                theta = theta + O_i.T @ (C * D).reshape(a_i.numel, a_j.numel) @ O_j
+                theta = theta + pool_by_owner((C * D).reshape(a_i.numel, a_j.numel), owners[f_i],
+                                              owners[f_j], batch)
         contributions[prim] = theta
     return contributions, limit
