@@ -272,10 +272,19 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             continue  # held fixed: see the docstring
 
     limit = master_theorem(Q)
+    live = {prim: items for prim, items in uses.items() if trainable is None or trainable(prim)}
+    # declare every pair read below (and the output's, read by the caller for the NNGP) so
+    # the engine frees intermediate N × N moments after their last use
+    queries = [(output, output)]
+    for items in live.values():
+        for a_i, d_i, _ in items:
+            for a_j, d_j, _ in items:
+                queries.append((a_i, a_j))
+                if isinstance(d_i, Vector):
+                    queries.append((d_i, d_j))
+    limit.plan(queries)
     contributions = {}
-    for prim, items in uses.items():
-        if trainable is not None and not trainable(prim):
-            continue
+    for prim, items in live.items():
         theta = torch.zeros(batch, batch, dtype=torch.float64)
         for a_i, d_i, f_i in items:
             if (owners[f_i] == SHARED).any():
@@ -288,5 +297,9 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                     D = limit.second_moment(d_i, d_j)
                 theta = theta + pool_by_owner((C * D).reshape(a_i.numel, a_j.numel), owners[f_i],
                                               owners[f_j], batch)
+                del C, D
+                limit.release(a_i, a_j)
+                if isinstance(d_i, Vector):
+                    limit.release(d_i, d_j)
         contributions[prim] = theta
     return contributions, limit
