@@ -44,17 +44,25 @@ def batch_owners(program: Program, output: Vector, batch: int, n: int = 32, seed
         f = run.values[output]  # [m, batch]
         # random weights per (coordinate, example): a cancellation is a measure-zero event
         c = torch.randn(f.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=f.dtype)
+        probes = [(b, side) for b in range(bits) for side in (0, 1)
+                  if bool((((index >> b) & 1) == side).any())]
+        seeds = torch.stack([c * (((index >> b) & 1) == side).to(f.dtype) for b, side in probes])
+        values = [run.values[v] for v in vecs]
+        try:  # all probes in one batched backward pass
+            grads = torch.autograd.grad(f, values, grad_outputs=seeds, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)
+        except RuntimeError:  # an op without a batched backward: one pass per probe
+            per = [torch.autograd.grad(f, values, grad_outputs=s, retain_graph=True, allow_unused=True)
+                   for s in seeds]
+            grads = [None if per[0][i] is None else torch.stack([g[i] for g in per])
+                     for i in range(len(values))]
         hits = {v: torch.zeros(bits, 2, *v.shape, dtype=torch.bool) for v in vecs}
-        for b in range(bits):
-            for side in (0, 1):
-                chosen = (((index >> b) & 1) == side).to(f.dtype)
-                if not chosen.any():
-                    continue
-                grads = torch.autograd.grad((f * c * chosen).sum(), [run.values[v] for v in vecs],
-                                            retain_graph=True, allow_unused=True)
-                for v, g in zip(vecs, grads):
-                    if g is not None:
-                        hits[v][b, side] = g.abs().sum(0) > 0
+        for v, g in zip(vecs, grads):
+            if g is None:
+                continue
+            reached = g.abs().sum(1) > 0  # [probes, *F]: nonzero at some of the n coordinates
+            for i, (b, side) in enumerate(probes):
+                hits[v][b, side] = reached[i]
     owners = {}
     weights = 1 << torch.arange(bits)
     for v in program.vectors:

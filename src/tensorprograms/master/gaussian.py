@@ -169,21 +169,24 @@ class GaussianBasis:
             return self._cov[key]
         if (h, g) in self._cov:
             return self._transpose(self._cov[(h, g)], h.shape, g.shape)
-        total = torch.zeros(g.numel, h.numel, dtype=torch.float64)
+        total = None  # the first term itself, not zeros + … (a full-size pass at large N)
         for a, ta in self.terms(g).items():
             for b, tb in self.terms(h).items():
                 c = self._atom_cov(a, b)
                 if c is None:
                     continue
                 if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
-                    total = total + ta @ c.reshape(a.numel, b.numel) @ tb.T
+                    term = ta @ c.reshape(a.numel, b.numel) @ tb.T
+                    total = term if total is None else total + term
                     continue
                 la, lb = _as_map(ta, a, g), _as_map(tb, b, h)
                 c = c.reshape(a.numel, *b.shape)
                 c = lb(c).reshape(a.numel, h.numel)  # map the second group: [|F_a|, |F_h|]
                 c = c.T.reshape(h.numel, *a.shape)
                 c = la(c).reshape(h.numel, g.numel)  # map the first group: [|F_h|, |F_g|]
-                total = total + c.T
+                total = c.T if total is None else total + c.T
+        if total is None:
+            total = torch.zeros(g.numel, h.numel, dtype=torch.float64)
         result = total.reshape(g.shape + h.shape)
         self._cov[key] = result
         return result

@@ -15,7 +15,7 @@ from ..program.instructions import Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Scalar, Var, Vector
 from . import liveness, rules
-from .expectations import Estimate, Expectations
+from .expectations import Estimate, Expectations, _all_zero
 from .factors import Factor, FactorBuilder
 from .gaussian import GaussianBasis
 from .transpose import to_netsor
@@ -175,7 +175,7 @@ class ProgramLimit:
         right = self._leaves(v1) + self._leaves(v2)
         for a in left:
             for b in right:
-                if a is b or (self._basis.may_correlate(a, b) and self._gaussian_cov(a, b).abs().max() > 0):
+                if a is b or (self._basis.may_correlate(a, b) and not _all_zero(self._gaussian_cov(a, b))):
                     return None
         eu, ev = self._second(u1, u2), self._second(v1, v2)
         se = None
