@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from ..program import functions as F
 from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
 from ..program.variables import Scalar, Vector
+from .gaussian import _plain_sum
 
 Key = tuple[Vector, Vector]
 
@@ -69,6 +70,9 @@ def reads(x: Vector, y: Vector, memo: dict) -> set[Key]:
     """The second moments that computing ``E[x ⊗ y]`` may read (a superset)."""
     out: set[Key] = set()
     if x.is_gaussian and y.is_gaussian:
+        for u, w in ((x, y), (y, x)):
+            if _plain_sum(u):  # GaussianBasis._cov_of_sum: from the operands' covariances
+                return {key(a, w) for a in u.instruction.xs}
         for a in _atoms(x, memo):
             for b in _atoms(y, memo):
                 ia, ib = a.instruction, b.instruction

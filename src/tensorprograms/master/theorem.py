@@ -53,7 +53,8 @@ class ProgramLimit:
         self.varmap: dict[Var, Var] = {}
         self._ex = expectations
         self._basis = GaussianBasis(self.second_moment, self.value)
-        self._ex.cov = self._gaussian_cov
+        self._ex.cov = self._basis.cov
+        self._basis.on_computed = lambda g, h: self._computed(liveness.key(g, h))
         self._builder = FactorBuilder(self.value)
         self._moments: dict[tuple[Vector, Vector], Estimate] = {}
         self._means: dict[Vector, Estimate] = {}
@@ -106,7 +107,7 @@ class ProgramLimit:
             return Estimate(e.value.permute(tuple(perm)), se, e.backend, e.dim)
         key = f"E[{x.name}⊗{y.name}]"
         if x.is_gaussian and y.is_gaussian:
-            est = Estimate(self._gaussian_cov(x, y), None, "gaussian", 0)
+            est = Estimate(self._basis.cov(x, y), None, "gaussian", 0)
         elif _linear_nonlin(x) is not None or _linear_nonlin(y) is not None:
             est = self._through_linear(x, y)
         elif (factored := self._independent_product(x, y)) is not None:
@@ -117,7 +118,7 @@ class ProgramLimit:
                 fx, fy = self._joint_factor(x), self._joint_factor(y)
             est = self._record(key, self._ex.cross(fx, fy, key))
         self._moments[(x, y)] = est
-        if not (x.is_gaussian and y.is_gaussian):  # Gaussian pairs: counted in _gaussian_cov
+        if not (x.is_gaussian and y.is_gaussian):  # Gaussian pairs: counted by the basis
             self._computed(liveness.key(x, y))
         return est
 
@@ -135,13 +136,6 @@ class ProgramLimit:
         """The caller is done with ``E[x ⊗ y]`` (a pair given to :meth:`plan`)."""
         x, y = self._map(x), self._map(y)
         self._drop(liveness.key(x, x if y is None else y))
-
-    def _gaussian_cov(self, g: Vector, h: Vector) -> torch.Tensor:
-        cached = (g, h) in self._basis._cov or (h, g) in self._basis._cov
-        c = self._basis.cov(g, h)
-        if not cached:
-            self._computed(liveness.key(g, h))
-        return c
 
     def _computed(self, k) -> None:
         """``k`` is now cached: what it read has one reader fewer still to come."""
@@ -175,7 +169,7 @@ class ProgramLimit:
         right = self._leaves(v1) + self._leaves(v2)
         for a in left:
             for b in right:
-                if a is b or (self._basis.may_correlate(a, b) and not _all_zero(self._gaussian_cov(a, b))):
+                if a is b or (self._basis.may_correlate(a, b) and not _all_zero(self._basis.cov(a, b))):
                     return None
         eu, ev = self._second(u1, u2), self._second(v1, v2)
         se = None
