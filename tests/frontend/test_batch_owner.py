@@ -55,7 +55,11 @@ def test_owners_match_the_per_example_definition():
         got, want = batch_owners(program, output, x.shape[0]), _per_example(program, output, x.shape[0])
         for v in program.vectors:
             assert torch.equal(got[v], want[v]), (v.name, got[v], want[v])
-        assert any((o == SHARED).any() for o in got.values())  # the check can see SHARED entries
+    # the last case exercises SHARED entries (a GRU's input weights and biases) and a
+    # time-major layout ([T, B] entries owned along the second axis)
+    assert any((o == SHARED).any() for o in got.values())
+    assert any(o.ndim == 2 and o.shape[1] == x.shape[0] and torch.equal(o[0], torch.arange(x.shape[0]))
+               for o in got.values())
 
 
 def test_pool_by_owner_equals_one_hot_products():
