@@ -309,3 +309,50 @@ def test_ntk_parametrization_needs_variances():
     with pytest.raises(ValueError, match=r"no entry for the trainable parameters \['4.weight', '4.bias'\]"):
         ntk(_mlp(), _inputs(), parametrization="ntk",
             variances={"0.weight": 1.0, "0.bias": 1.0, "2.weight": 1.0, "2.bias": 1.0})
+
+
+# -- structured derivatives (linear layers) -------------------------------------------------
+
+
+class _Tied(nn.Module):
+    """A weight used by a linear layer and by a plain matmul: not structured-eligible."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.a = nn.Linear(D, D)
+        self.out = nn.Linear(D, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.a(x)) @ self.a.weight)
+
+
+@pytest.mark.parametrize("per_output", [True, False])
+def test_structured_matches_brute_force(per_output):
+    """Linear-layer Gram contractions vs per-example autograd: same kernel, with biases, three
+    outputs, x2 given or not, a frozen weight, both parametrizations."""
+    model = _mlp()
+    model[2].weight.requires_grad_(False)
+    x1, x2 = _inputs(6, 1), _inputs(4, 2)
+    v = {n: 0.1 * (i + 1) for i, (n, _) in enumerate(model.named_parameters())}
+    for par, w in (("standard", None), ("ntk", v)):
+        ref = _brute(model, x1, x2, w)
+        ref_sym = _brute(model, x1, x1, w)
+        if per_output:
+            ref, ref_sym = _per_output(ref), _per_output(ref_sym)
+        kw = dict(per_output=per_output, parametrization=par, variances=w)
+        _close(ntk(model, x1, x2, method="structured", **kw), ref)
+        _close(ntk(model, x1, method="structured", **kw), ref_sym)
+        _close(ntk(model, x1, x2, method="auto", **kw), ref)
+
+
+def test_structured_falls_back_when_a_parameter_has_another_use():
+    model = _Tied().double()
+    x1, x2 = _inputs(5, 1), _inputs(3, 2)
+    ref = _per_output(_brute(model, x1, x2))
+    _close(ntk(model, x1, x2), ref)  # auto: the Jacobian contraction
+    with pytest.raises(ValueError, match="method='structured' needs every trainable parameter"):
+        ntk(model, x1, x2, method="structured")
+    conv = _conv()  # convolution weights: not linear layers
+    c1, c2 = _conv_inputs(3, 1), _conv_inputs(2, 2)
+    _close(ntk(conv, c1, c2), _per_output(_brute(conv, c1, c2)))

@@ -35,10 +35,11 @@ from torch import Tensor, nn
 
 from ..factory import eval_mode
 from .nngp import EmpiricalKernel, _build, _check_args, _check_inputs, _progress
+from .structured import structured_ntk
 
 __all__ = ["ntk", "ntk_mean"]
 
-_METHODS = ("auto", "jacobian", "ntk_vp")
+_METHODS = ("auto", "structured", "jacobian", "ntk_vp")
 _PARAMETRIZATIONS = ("standard", "ntk")
 _BYTES = 8  # float64
 
@@ -134,11 +135,16 @@ def ntk(
             symmetric kernel is computed once per pair of blocks).
         per_output: True: ``[N1, N2]``, the trace over outputs divided by ``k``.
             False: ``[N1, N2, k, k]``, ``Θ[i, j, a, b] = Σ_p w_p ⟨∂f_a(x1_i)/∂p, ∂f_b(x2_j)/∂p⟩``.
-        method: ``"jacobian"``: per chunk of inputs, vmapped ``torch.func.jacrev`` of the
-            per-input output, contracted parameter by parameter. ``"ntk_vp"``: NTK-vector
+        method: ``"structured"``: for parameters used only by linear layers
+            (``torch.nn.functional.linear`` on ``[N, d]`` rows), Gram matrices of layer inputs
+            and output gradients instead of Jacobians (empirical/structured.py); an error
+            if some trainable parameter has another use. ``"jacobian"``: per chunk of
+            inputs, vmapped ``torch.func.jacrev`` of the per-input output, contracted parameter
+            by parameter. ``"ntk_vp"``: NTK-vector
             products, one column ``(j, b)`` at a time: ``g = J(x2)ᵀ e_{jb}`` by
             ``torch.func.vjp``, then ``J(x1) g`` by ``torch.func.jvp``; memory O(P) instead
-            of O(N·k·P). ``"auto"``: ``"jacobian"`` when the whole Jacobian, ``N·k·P·8``
+            of O(N·k·P). ``"auto"``: ``"structured"`` when every trainable parameter
+            allows it, else ``"jacobian"`` when the whole Jacobian, ``N·k·P·8``
             bytes (N = N1 + N2, or N1 when x2 is None; P = trainable entries), fits in
             ``max_memory``, else ``"ntk_vp"``.
         max_memory: bytes; inputs (and NTK-vector-product columns) are chunked so that
@@ -206,14 +212,31 @@ def ntk(
             )
         return out.reshape(x.shape[0], -1)
 
+    def check_finite(name: str, out: Tensor) -> None:
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"the model output on {name} contains NaN or Inf; check the model and inputs")
+
+    if method in ("auto", "structured"):
+        with torch.no_grad():
+            found = structured_ntk(lambda x: f_batch(trainable, x), trainable, weights, x1, x2, sym,
+                                   per_output)
+        if found is not None:
+            theta, outs = found
+            for name, o in zip(("x1", "x2"), outs):
+                check_finite(name, o)
+            k = outs[0].shape[1]
+            return theta / k if per_output else theta
+        if method == "structured":
+            raise ValueError(
+                "method='structured' needs every trainable parameter to be used only as the weight "
+                "or bias of torch.nn.functional.linear (nn.Linear) on [N, d] inputs; use "
+                "method='jacobian' or 'auto' for this model"
+            )
     grad_params = {n: p.clone().requires_grad_() for n, p in trainable.items()}
     k, act = _saved_bytes_per_input(lambda x: f_batch(grad_params, x), x1)
     with torch.no_grad():
         for name, x in (("x1", x1), ("x2", x2)):
-            if not bool(torch.isfinite(f_batch(trainable, x)).all()):
-                raise ValueError(
-                    f"the model output on {name} contains NaN or Inf; check the model and inputs"
-                )
+            check_finite(name, f_batch(trainable, x))
     n_params = sum(p.numel() for p in trainable.values())
     if method == "auto":
         method = "jacobian" if (n1 + (0 if sym else n2)) * k * n_params * _BYTES <= max_memory else "ntk_vp"

@@ -60,6 +60,7 @@ class InfiniteWidthLimit:
         self.hyperparameters = self._default_hyperparameters()
         self._captured: dict[tuple, Captured] = {}
         self._programs: dict[tuple, tuple[Program, Vec]] = {}
+        self._owners: dict = {}  # the NTK's batch owners per program structure (ntk_of)
         if parametrization == "mup":
             # μP's limit at init is degenerate (the output is 0); what it has is training.
             self.program, self.output = None, None
@@ -196,17 +197,21 @@ class InfiniteWidthLimit:
             )
         contributions, limit = ntk_of(program, out.var, batch, engine,
                                       trainable=lambda v: grads.get(low.param_of.get(v), False),
-                                      ghosts=low.ghosts)
+                                      ghosts=low.ghosts, owner_cache=self._owners)
         ghosts = set(low._ghost_prims.values())
         if isinstance(self.parametrization, ABCParametrization):
             for prim in contributions:  # first the forward pass, then the training scalings
                 if prim not in ghosts:
                     self._check_realizes(low.param_of[prim], low)
         theta = torch.zeros(batch, batch, dtype=torch.float64)
+        first = True  # start from the first term, not zeros + … (full-size passes count at large N)
         for prim, th in contributions.items():
             weight = self._ntk_weight(low.param_of[prim], prim in ghosts, low)
-            if not (isinstance(weight, float) and weight == 0.0):
-                theta = theta + weight * th
+            if isinstance(weight, float) and weight == 0.0:
+                continue
+            term = th if isinstance(weight, float) and weight == 1.0 else weight * th
+            theta = term if first else theta + term
+            first = False
         K = _per_example(limit.second_moment(out.var), batch)
         if x2 is None:
             return K, theta

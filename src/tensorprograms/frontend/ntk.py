@@ -28,7 +28,7 @@ from ..program.calling import call_full, common_rank, is_elementwise
 from ..program.instructions import InitVector, LinComb, MatMul, Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Matrix, Scalar, Vector
-from .batch_owner import SHARED, batch_owners, one_hot_owner
+from .batch_owner import SHARED, batch_owners, pool_by_owner
 
 
 def _vjp_fn(fn, shapes, i: int, out_shape, nparams: int, linear: bool):
@@ -128,7 +128,7 @@ def _diagonal(fn, shapes, params, out_shape) -> bool:
 
 
 def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainable=None,
-           ghosts=()):
+           ghosts=(), owner_cache: dict | None = None):
     """Per-primitive NTK contributions ``{primitive: Θ_p [batch, batch]}`` for the per-output
     kernel of ``output`` (a sum of readouts), and the limit object of the extended program
     (its caches serve the NNGP too).
@@ -146,9 +146,22 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
     cotangents still flow). Width averages (Moments, e.g. LayerNorm statistics) are held
     fixed in the backward pass: their gradient term is E[dy ∂_θφ] · ψ'(x), and E[dy ·]
     vanishes because the backward pass is odd in the readout seeds, which are independent
-    of the forward pass (TP II)."""
+    of the forward pass (TP II).
+
+    ``owner_cache``: a dict kept by the caller across calls whose programs are lowered from
+    the same model and input shapes (so they have the same structure, vector by vector):
+    the batch owners are probed once per structure instead of once per call."""
     Q = program
-    owners = batch_owners(Q, output, batch)  # example of each finite index (any layout)
+    signature = tuple((type(ins).__name__, tuple(ins.out.shape),
+                       tuple(x.index for x in getattr(ins, "xs", ())),
+                       getattr(getattr(ins, "x", None), "index", None)) for ins in Q.instructions)
+    if owner_cache is not None and signature in owner_cache:
+        by_index = owner_cache[signature]
+        owners = {v: by_index[v.index] for v in Q.vectors}
+    else:
+        owners = batch_owners(Q, output, batch)  # example of each finite index (any layout)
+        if owner_cache is not None:
+            owner_cache[signature] = {v.index: o for v, o in owners.items()}
     # primitive -> (a, da, the forward var whose entries a's entries belong to)
     uses: dict[object, list[tuple[Vector, object, Vector]]] = defaultdict(list)
     cot: dict[Vector, list] = defaultdict(list)  # var -> cotangent pieces (Vector or tensor)
@@ -237,6 +250,11 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                             "NTK: the model's output is a Scalar-weighted combination of readouts")
                     adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
                     cot[x].append(adj(d.unsqueeze(0))[0])
+                elif (not ps and tuple(x.shape) == tuple(out.shape)
+                      and getattr(ins.fn, "coefficients", (None,) * (i + 1))[i] == 1.0):
+                    # x enters Σ_k c_k x_k with c = 1 and its own shape (a bias added to Wx):
+                    # its cotangent is d itself, not a new vector mapped by a vjp
+                    cot[x].append(d)
                 else:
                     adj = _lin_adjoint(ins.fn, shapes, i, out.shape)
                     inner = d.instruction
@@ -282,13 +300,21 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             continue  # held fixed: see the docstring
 
     limit = master_theorem(Q)
+    live = {prim: items for prim, items in uses.items() if trainable is None or trainable(prim)}
+    # declare every pair read below (and the output's, read by the caller for the NNGP) so
+    # the engine frees intermediate N × N moments after their last use
+    queries = [(output, output)]
+    for items in live.values():
+        for a_i, d_i, _ in items:
+            for a_j, d_j, _ in items:
+                queries.append((a_i, a_j))
+                if isinstance(d_i, Vector):
+                    queries.append((d_i, d_j))
+    limit.plan(queries)
     contributions = {}
-    for prim, items in uses.items():
-        if trainable is not None and not trainable(prim):
-            continue
-        theta = torch.zeros(batch, batch, dtype=torch.float64)
+    for prim, items in live.items():
+        theta = None
         for a_i, d_i, f_i in items:
-            O_i = one_hot_owner(owners[f_i], batch)
             if (owners[f_i] == SHARED).any():
                 raise UnsupportedOperation(f"NTK: {f_i.name} is shared across the batch")
             for a_j, d_j, f_j in items:
@@ -297,7 +323,11 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                     D = torch.einsum("a,b->ab", d_i.reshape(-1), d_j.reshape(-1)).reshape(C.shape)
                 else:
                     D = limit.second_moment(d_i, d_j)
-                O_j = one_hot_owner(owners[f_j], batch)
-                theta = theta + O_i.T @ (C * D).reshape(a_i.numel, a_j.numel) @ O_j
+                term = pool_by_owner((C * D).reshape(a_i.numel, a_j.numel), owners[f_i], owners[f_j], batch)
+                theta = term if theta is None else theta + term
+                del C, D
+                limit.release(a_i, a_j)
+                if isinstance(d_i, Vector):
+                    limit.release(d_i, d_j)
         contributions[prim] = theta
     return contributions, limit

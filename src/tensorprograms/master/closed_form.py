@@ -252,7 +252,8 @@ def cross(
     t1: Terms, t2: Terms, v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor
 ) -> torch.Tensor | None:
     """E[f(u) g(v)] (shapes of v1, v2, c broadcast), or None if some pair has no formula."""
-    total = torch.zeros(torch.broadcast_shapes(v1.shape, v2.shape, c.shape), dtype=c.dtype)
+    shape = torch.broadcast_shapes(v1.shape, v2.shape, c.shape)
+    total = None  # not zeros + …: each full-size pass counts for kernels of many inputs
     pair = _Pair(v1, v2, c)
     for coef1, b1 in t1[0]:
         for coef2, b2 in t2[0]:
@@ -262,7 +263,12 @@ def cross(
                 if flipped is None:
                     return None
                 val = flipped
-            total = total + coef1 * coef2 * val
+            term = val if coef1 * coef2 == 1.0 else coef1 * coef2 * val
+            total = term if total is None else total + term
+    if total is None:
+        total = torch.zeros(shape, dtype=c.dtype)
+    elif total.shape != shape:
+        total = total.expand(shape)
     if t1[1] != 0.0:
         m2 = mean(t2, v2)
         if m2 is None:
@@ -274,4 +280,4 @@ def cross(
             return None
         total = total + t2[1] * m1
     # Both mean terms above include the constant product k1·k2; keep it once.
-    return total - t1[1] * t2[1]
+    return total - t1[1] * t2[1] if t1[1] * t2[1] != 0.0 else total

@@ -37,6 +37,11 @@ def _is_identity(index: torch.Tensor, size: int) -> bool:
     return index.numel() == size and bool((index == torch.arange(size)).all())
 
 
+def _all_zero(t: torch.Tensor) -> bool:
+    """Whether every entry is 0; a nonzero first entry answers without a full pass."""
+    return t.numel() == 0 or (not bool(t.reshape(-1)[0] != 0) and not bool(t.any()))
+
+
 class Expectations:
     def __init__(
         self,
@@ -171,7 +176,7 @@ class Expectations:
         gg = [[self._flat_block(g, g, i, j, True) for j in range(kg)] for i in range(kg)]
         fg = [[self._flat_block(f, g, i, j, False) for j in range(kg)] for i in range(kf)]
         shape = (*f.shape, *g.shape)
-        if all((b == 0).all() for row in fg for b in row):
+        if all(_all_zero(b) for row in fg for b in row):
             mf, mg = self.mean(f, key + "[left]"), self.mean(g, key + "[right]")
             val = torch.einsum("a,b->ab", mf.value.reshape(-1), mg.value.reshape(-1))
             se = None

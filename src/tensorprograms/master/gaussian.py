@@ -52,6 +52,12 @@ def _sum_maps(f: LinearMap, h: LinearMap) -> LinearMap:
     return both
 
 
+def _plain_sum(g: Vector) -> bool:
+    """A ``Program.lincomb`` ``Σ_k c_k x_k`` (fixed coefficients, finite shapes broadcast)."""
+    ins = g.instruction
+    return isinstance(ins, LinComb) and not ins.params and getattr(ins.fn, "coefficients", None) is not None
+
+
 class GaussianBasis:
     """Atoms and covariances of a program's Gaussian vectors.
 
@@ -67,6 +73,8 @@ class GaussianBasis:
         self._scalar_value = scalar_value
         self._terms: dict[Vector, dict[Vector, Term]] = {}
         self._cov: dict[tuple[Vector, Vector], torch.Tensor] = {}
+        # called with (g, h) after Cov(g, h) is newly cached (the limit's liveness bookkeeping)
+        self.on_computed: Callable[[Vector, Vector], None] | None = None
 
     def terms(self, g: Vector) -> dict[Vector, Term]:
         """``{atom: M_{g,atom}}``, each a dense matrix or a map (see the module docstring)."""
@@ -169,24 +177,53 @@ class GaussianBasis:
             return self._cov[key]
         if (h, g) in self._cov:
             return self._transpose(self._cov[(h, g)], h.shape, g.shape)
-        total = torch.zeros(g.numel, h.numel, dtype=torch.float64)
+        if _plain_sum(g) or _plain_sum(h):
+            return self._store(key, self._cov_of_sum(g, h))
+        total = None  # the first term itself, not zeros + … (a full-size pass at large N)
         for a, ta in self.terms(g).items():
             for b, tb in self.terms(h).items():
                 c = self._atom_cov(a, b)
                 if c is None:
                     continue
                 if isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor):
-                    total = total + ta @ c.reshape(a.numel, b.numel) @ tb.T
+                    term = ta @ c.reshape(a.numel, b.numel) @ tb.T
+                    total = term if total is None else total + term
                     continue
                 la, lb = _as_map(ta, a, g), _as_map(tb, b, h)
                 c = c.reshape(a.numel, *b.shape)
                 c = lb(c).reshape(a.numel, h.numel)  # map the second group: [|F_a|, |F_h|]
                 c = c.T.reshape(h.numel, *a.shape)
                 c = la(c).reshape(h.numel, g.numel)  # map the first group: [|F_h|, |F_g|]
-                total = total + c.T
-        result = total.reshape(g.shape + h.shape)
+                total = c.T if total is None else total + c.T
+        if total is None:
+            total = torch.zeros(g.numel, h.numel, dtype=torch.float64)
+        return self._store(key, total.reshape(g.shape + h.shape))
+
+    def _store(self, key: tuple[Vector, Vector], result: torch.Tensor) -> torch.Tensor:
         self._cov[key] = result
+        if self.on_computed is not None:
+            self.on_computed(*key)
         return result
+
+    def _cov_of_sum(self, g: Vector, h: Vector) -> torch.Tensor:
+        """Cov(Σ_k c_k x_k, h) = Σ_k c_k Cov(x_k, h) (broadcast to F_g) for a plain
+        ``Program.lincomb`` g (or h): reuses the operands' cached covariances, e.g. a layer's
+        Cov(Wx + b) from Cov(Wx) instead of mapping the atoms again (for an input layer that
+        is a second Gram matrix of the data)."""
+        if not _plain_sum(g):
+            return self._transpose(self._cov_of_sum(h, g), h.shape, g.shape)
+        ins = g.instruction
+        total = None
+        for c, x in zip(ins.fn.coefficients, ins.xs):
+            if c == 0.0 or not self.may_correlate(x, h):
+                continue
+            part = pad_finite(self.cov(x, h), 0, x.shape + h.shape, len(g.shape) + len(h.shape))
+            part = part.expand(g.shape + h.shape)
+            part = part if c == 1.0 else c * part
+            total = part if total is None else total + part
+        if total is None:
+            return torch.zeros(g.shape + h.shape, dtype=torch.float64)
+        return total
 
     @staticmethod
     def _transpose(c: torch.Tensor, shape_a, shape_b) -> torch.Tensor:

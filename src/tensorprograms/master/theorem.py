@@ -14,8 +14,8 @@ from ..program.calling import call_full
 from ..program.instructions import Moment, Nonlin
 from ..program.program import Program
 from ..program.variables import Scalar, Var, Vector
-from . import rules
-from .expectations import Estimate, Expectations
+from . import liveness, rules
+from .expectations import Estimate, Expectations, _all_zero
 from .factors import Factor, FactorBuilder
 from .gaussian import GaussianBasis
 from .transpose import to_netsor
@@ -54,6 +54,7 @@ class ProgramLimit:
         self._ex = expectations
         self._basis = GaussianBasis(self.second_moment, self.value)
         self._ex.cov = self._basis.cov
+        self._basis.on_computed = lambda g, h: self._computed(liveness.key(g, h))
         self._builder = FactorBuilder(self.value)
         self._moments: dict[tuple[Vector, Vector], Estimate] = {}
         self._means: dict[Vector, Estimate] = {}
@@ -61,6 +62,9 @@ class ProgramLimit:
         self._flat: dict[object, Factor | None] = {}
         self._joint: dict[object, Factor] = {}
         self.records: list[Record] = []
+        # liveness.plan's reader counts and read sets, when the caller declared its queries
+        self._readers: dict[liveness.Key, int] | None = None
+        self._reads: dict[liveness.Key, set[liveness.Key]] = {}
 
     # ---------------------------------------------------------------- checks
     def _map(self, v):
@@ -116,7 +120,40 @@ class ProgramLimit:
                 fx, fy = self._joint_factor(x), self._joint_factor(y)
             est = self._record(key, self._ex.cross(fx, fy, key))
         self._moments[(x, y)] = est
+        if not (x.is_gaussian and y.is_gaussian):  # Gaussian pairs: counted by the basis
+            self._computed(liveness.key(x, y))
         return est
+
+    # ---------------------------------------------------------------- liveness
+    def plan(self, queries) -> None:
+        """Declare the pairs ``(x, y)`` whose second moments (or covariances) the caller will
+        read: from now on a cached moment is freed once everything that reads it has been
+        computed and the caller has released (:meth:`release`) the queries that need it (see
+        liveness.py). Keeps kernels of many inputs from holding every intermediate N × N
+        matrix at once; values are unchanged (an entry freed too early is recomputed)."""
+        pairs = [(self._map(x), self._map(y)) for x, y in queries]
+        self._readers, self._reads = liveness.plan(pairs)
+
+    def release(self, x: Vector, y: Vector | None = None) -> None:
+        """The caller is done with ``E[x ⊗ y]`` (a pair given to :meth:`plan`)."""
+        x, y = self._map(x), self._map(y)
+        self._drop(liveness.key(x, x if y is None else y))
+
+    def _computed(self, k) -> None:
+        """``k`` is now cached: what it read has one reader fewer still to come."""
+        if self._readers is not None:
+            for r in self._reads.get(k, ()):
+                self._drop(r)
+
+    def _drop(self, k) -> None:
+        if self._readers is None or k not in self._readers:
+            return
+        self._readers[k] -= 1
+        if self._readers[k] <= 0:
+            x, y = k
+            for pair in ((x, y), (y, x)):
+                self._moments.pop(pair, None)
+                self._basis._cov.pop(pair, None)
 
     def _leaves(self, v: Vector) -> list[Vector]:
         return self._joint_factor(v).leaves if not v.is_gaussian else [v]
@@ -134,7 +171,7 @@ class ProgramLimit:
         right = self._leaves(v1) + self._leaves(v2)
         for a in left:
             for b in right:
-                if a is b or (self._basis.may_correlate(a, b) and self._basis.cov(a, b).abs().max() > 0):
+                if a is b or (self._basis.may_correlate(a, b) and not _all_zero(self._basis.cov(a, b))):
                     return None
         eu, ev = self._second(u1, u2), self._second(v1, v2)
         se = None

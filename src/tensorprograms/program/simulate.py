@@ -40,6 +40,11 @@ class FiniteWidthRun:
 
 
 def _sqrt_psd(cov: torch.Tensor) -> torch.Tensor:
+    v = cov[0, 0]
+    if torch.equal(cov, v * torch.eye(cov.shape[0], dtype=cov.dtype)):
+        # an iid vector (the common case, e.g. an input layer's columns): the same root
+        # eigh returns for v·I, without an O(k³) eigendecomposition
+        return v.clamp_min(0).sqrt() * torch.eye(cov.shape[0], dtype=cov.dtype)
     lam, vec = torch.linalg.eigh(cov)
     return vec * lam.clamp_min(0).sqrt()
 
