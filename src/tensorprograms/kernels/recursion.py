@@ -1,0 +1,347 @@
+"""NNGP and NTK of a program's output by a forward recursion over pair covariances,
+blocked over example pairs, with positions kept as tensor axes.
+
+For programs in which examples never interact (finite shapes ``(N, *positions)``),
+every matrix is used by one MatMul and no transposes, Moments or Scalar-weighted
+LinCombs occur, the Master Theorem's covariances reduce to (TP I, TP II):
+
+- initial vectors ``v`` (with covariance Σ over their finite indices, pushed through the
+  LinCombs as dense coefficients ``U``): ``K = UᵀΣU``, ``Θ = w·UᵀΣU``;
+- a MatMul atom ``a = W z`` reaching a G-var through the per-example position map ``M``:
+  ``K += σ² M K_z Mᵀ``, ``Θ += σ² M (w K_z + Θ_z) Mᵀ`` (distinct matrices are independent);
+- an elementwise ``z = φ(h)``: ``K_z = E[φ(u)φ(v)]``, ``Θ_z = E[φ'(u)φ'(v)] ⊙ Θ_h`` with
+  ``(u, v)`` of covariance ``K_h`` (closed forms);
+- a linear Nonlin ``z = L(y)`` (pooling, a mean over positions): ``M K_y Mᵀ``, ``M Θ_y Mᵀ``.
+
+``w`` is the parameter's NTK weight (1 in the NTK parametrization, 0 when frozen). These are
+the covariances the engine computes from the same program (``Θ`` is TP II's sum over
+parameters of ``E[dh dh']·Cov``, here accumulated forward instead of by a backward program),
+but each update is a few batched tensor operations over ``[pairs, P, P]``, and memory is
+bounded by evaluating a block of example pairs at a time: a pass over the same-example
+pairs first (the variances every closed form needs), then the off-diagonal blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..master import closed_form
+from ..program.calling import call_full
+from ..program.instructions import InitVector, LinComb, MatMul, Nonlin
+from ..program.program import Program
+from ..program.variables import Matrix, Vector
+from .operators import SpatialOp, probe, translate_sum
+
+DENSE_ATOM_LIMIT = 1 << 14  # initial vectors up to this many finite entries are pushed as U
+BLOCK_ENTRIES = 1 << 22  # entries of one [pairs, P, P] covariance block (32 MiB in float64)
+
+
+class NotApplicable(Exception):
+    """The program is outside this recursion's scope: use the Master Theorem engine."""
+
+
+@dataclass
+class _Dense:
+    """Initial-vector atoms of a G-var: ``U [F, N, P]`` with block-diagonal Σ and Σ·w."""
+
+    u: torch.Tensor
+    cov: torch.Tensor
+    cov_ntk: torch.Tensor
+
+
+@dataclass
+class _GVar:
+    groups: dict[Vector, list[tuple[SpatialOp, object, float]]] = field(default_factory=dict)
+    dense: _Dense | None = None
+
+
+@dataclass
+class _Act:
+    h: Vector
+    phi: tuple
+    dphi: tuple | None
+
+
+@dataclass
+class _Lin:
+    y: Vector
+    op: SpatialOp
+
+
+class _Plan:
+    """The program read as recursion steps, for the vectors the output needs."""
+
+    def __init__(self, program: Program, output: Vector, batch: int,
+                 weight: Callable[[object], float] | None):
+        self.batch, self.weight = batch, weight
+        self.ntk = weight is not None
+        self.steps: dict[Vector, object] = {}
+        self._terms: dict[Vector, tuple[dict, dict]] = {}  # g -> ({atom: op}, {init: U})
+        used: dict[Matrix, int] = {}
+        for ins in program.instructions:
+            if isinstance(ins, MatMul):
+                if ins.transpose:
+                    raise NotApplicable("transposed matrix")
+                used[ins.matrix] = used.get(ins.matrix, 0) + 1
+        if any(c > 1 for c in used.values()):
+            raise NotApplicable("a matrix used by several MatMuls (weight sharing)")
+        self._visit(output)
+        self.order = [v for v in program.vectors if v in self.steps]
+        self.last_use: dict[Vector, int] = {}
+        for i, v in enumerate(self.order):
+            for dep in self._deps(self.steps[v]):
+                self.last_use[dep] = i
+        self.last_use[output] = len(self.order)
+
+    @staticmethod
+    def _deps(step) -> list[Vector]:
+        if isinstance(step, _GVar):
+            return list(step.groups)
+        if isinstance(step, _Act):
+            return [step.h]
+        return [step.y]
+
+    def _positions(self, v: Vector) -> int:
+        if not v.shape or v.shape[0] != self.batch:
+            raise NotApplicable(f"{v.name} has no leading example axis")
+        return math.prod(v.shape[1:])
+
+    def _visit(self, v: Vector) -> None:
+        if v in self.steps:
+            return
+        self._positions(v)
+        ins = v.instruction
+        if v.is_gaussian:
+            step = self._gvar(v)
+            for z in step.groups:
+                self._visit(z)
+        elif isinstance(ins, Nonlin) and not ins.params and len(ins.xs) == 1:
+            (x,) = ins.xs
+            if ins.linear:
+                op = probe(ins.fn, [x.shape], 0, [], self.batch, v.shape)
+                if op is None:
+                    raise NotApplicable(f"{v.name}: not a per-example map of positions")
+                step = _Lin(x, op)
+            elif ins.elementwise and x.shape == v.shape and x.is_gaussian:
+                phi = closed_form.terms_of(ins.fn)
+                dphi = closed_form.derivative(ins.fn) if self.ntk else None
+                if phi is None or (self.ntk and dphi is None):
+                    raise NotApplicable(f"{v.name}: no closed form for its nonlinearity")
+                step = _Act(x, phi, None if dphi is None else closed_form.terms_of(dphi))
+            else:
+                raise NotApplicable(f"{v.name}: a nonlinearity outside the recursion")
+            self._visit(step.h if isinstance(step, _Act) else step.y)
+        else:
+            raise NotApplicable(f"{v.name}: {type(ins).__name__} outside the recursion")
+        self.steps[v] = step
+
+    # -------------------------------------------------------------- G-vars as atoms
+    def _atoms(self, g: Vector) -> tuple[dict, dict]:
+        """``({MatMul atom: SpatialOp}, {initial vector: U [F_a, *F_g]})``."""
+        if g in self._terms:
+            return self._terms[g]
+        ins = g.instruction
+        spatial: dict[Vector, SpatialOp] = {}
+        dense: dict[Vector, torch.Tensor] = {}
+        if isinstance(ins, MatMul):
+            p = self._positions(g)
+            spatial[g] = SpatialOp(torch.eye(p, dtype=torch.float64), g.shape[1:], g.shape[1:])
+        elif isinstance(ins, InitVector):
+            if g.numel > DENSE_ATOM_LIMIT:
+                raise NotApplicable(f"{g.name}: an initial vector with too many finite entries")
+            dense[g] = torch.eye(g.numel, dtype=torch.float64).reshape(g.numel, *g.shape)
+        elif isinstance(ins, LinComb):
+            if ins.params:
+                raise NotApplicable(f"{g.name}: a LinComb with Scalar coefficients")
+            shapes = [x.shape for x in ins.xs]
+            for k, x in enumerate(ins.xs):
+                inner_spatial, inner_dense = self._atoms(x)
+                if inner_spatial:
+                    op = probe(ins.fn, shapes, k, [], self.batch, g.shape)
+                    if op is None:
+                        raise NotApplicable(f"{g.name}: not a per-example map of positions")
+                    for atom, m in inner_spatial.items():
+                        t = m.then(op)
+                        spatial[atom] = spatial[atom].plus(t) if atom in spatial else t
+                for atom, u in inner_dense.items():
+                    args = [u if i == k else torch.zeros(u.shape[0], *s, dtype=torch.float64)
+                            for i, s in enumerate(shapes)]
+                    t = call_full(ins.fn, args, shapes, [], 1).reshape(u.shape[0], *g.shape)
+                    dense[atom] = dense[atom] + t if atom in dense else t
+        else:
+            raise NotApplicable(f"{g.name}: {type(ins).__name__} is not Gaussian")
+        self._terms[g] = (spatial, dense)
+        return spatial, dense
+
+    def _gvar(self, g: Vector) -> _GVar:
+        spatial, dense = self._atoms(g)
+        step = _GVar()
+        for atom, op in spatial.items():
+            mm = atom.instruction
+            w = 0.0 if self.weight is None else float(self.weight(mm.matrix))
+            step.groups.setdefault(mm.x, []).append((op, float(mm.matrix.variance), w))
+        if dense:
+            us, covs, ntks = [], [], []
+            for atom, u in dense.items():
+                f = u.shape[0]
+                us.append(u.reshape(f, self.batch, -1))
+                c = atom.instruction.cov.reshape(f, f).to(torch.float64)
+                covs.append(c)
+                w = 0.0 if self.weight is None else float(self.weight(atom))
+                ntks.append(w * c)
+            step.dense = _Dense(torch.cat(us), torch.block_diag(*covs), torch.block_diag(*ntks))
+        return step
+
+
+class _Pairs:
+    """Example pairs of one block: the grid ``I × J`` or the same-example pairs ``(n, n)``."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor | None):
+        self.rows, self.cols = rows, cols
+        if cols is None:
+            self.left = self.right = rows
+        else:
+            self.left = rows.repeat_interleave(len(cols))
+            self.right = cols.repeat(len(rows))
+
+    def dense(self, d: _Dense, cov: torch.Tensor) -> torch.Tensor:
+        """``Uᵀ Σ U`` for these pairs: ``[E, P, P]``."""
+        a = d.u[:, self.rows]  # [F, I, P]
+        if self.cols is None:
+            b = torch.einsum("fg,gnq->fnq", cov, a)
+            return torch.einsum("fnp,fnq->npq", a, b)
+        b = torch.einsum("fg,gjq->fjq", cov, d.u[:, self.cols])
+        f, ni, p = a.shape
+        nj = b.shape[1]
+        k = a.reshape(f, ni * p).T @ b.reshape(f, nj * b.shape[2])  # [(i p), (j q)]
+        return k.reshape(ni, p, nj, -1).permute(0, 2, 1, 3).reshape(ni * nj, p, -1)
+
+
+def _evaluate(plan: _Plan, pairs: _Pairs, variances: dict[Vector, torch.Tensor],
+              store_variances: bool) -> torch.Tensor:
+    """The output's ``[2 or 1, E]`` (NNGP, NTK) for the pairs of one block."""
+    vals: dict[Vector, torch.Tensor] = {}  # v -> [kinds, E, P, P]
+    kinds = 2 if plan.ntk else 1
+    for i, v in enumerate(plan.order):
+        step = plan.steps[v]
+        if isinstance(step, _GVar):
+            out = None
+            for z, items in step.groups.items():
+                t = vals[z]
+                by_weight: dict[float, list] = {}
+                for op, var, w in items:
+                    by_weight.setdefault(w, []).append((op, var))
+                for w, ops in by_weight.items():
+                    # MatMul atoms: K_a = σ² K_z, Θ_a = σ² (w K_z + Θ_z)
+                    src = t if kinds == 1 else torch.stack((t[0], w * t[0] + t[1]))
+                    moves = [(op.offset, var) for op, var in ops if op.offset is not None]
+                    terms = [translate_sum(src, ops[0][0].in_shape, moves)] if moves else []
+                    terms += [var * op.pair(src) for op, var in ops if op.offset is None]
+                    for term in terms:
+                        out = term if out is None else out + term
+            if step.dense is not None:
+                d = pairs.dense(step.dense, step.dense.cov)
+                parts = [d] if kinds == 1 else [d, pairs.dense(step.dense, step.dense.cov_ntk)]
+                dense = torch.stack(parts)
+                out = dense if out is None else out + dense
+        elif isinstance(step, _Lin):
+            out = step.op.pair(vals[step.y])
+        else:
+            h = vals[step.h]
+            if store_variances:
+                variances[step.h][pairs.rows] = h[0].diagonal(dim1=-2, dim2=-1)
+            var = variances[step.h]
+            v1, v2 = var[pairs.left].unsqueeze(-1), var[pairs.right].unsqueeze(-2)
+            if step.phi == RELU and bool((var > 0).all()):
+                out = _relu_pair(v1, v2, h, kinds)
+            else:
+                shared: dict = {}  # ρ and θ, once for both kernels
+                k = closed_form.cross(step.phi, step.phi, v1, v2, h[0], shared)
+                if kinds == 1:
+                    out = k.unsqueeze(0)
+                else:
+                    dk = closed_form.cross(step.dphi, step.dphi, v1, v2, h[0], shared)
+                    out = torch.stack((k, dk.mul_(h[1])))
+                del shared
+        vals[v] = out
+        for dep in plan._deps(step):
+            if plan.last_use.get(dep) == i:
+                del vals[dep]
+    out = vals[plan.order[-1]]
+    return out.reshape(kinds, -1)
+
+
+RELU = (((1.0, "relu"),), 0.0)
+
+
+def _relu_pair(v1: torch.Tensor, v2: torch.Tensor, h: torch.Tensor, kinds: int) -> torch.Tensor:
+    """``[E[relu(u) relu(v)], E[step(u) step(v)]·Θ]`` (Cho & Saul's arc-cosine kernels of
+    orders 1 and 0) from ``h = [K, Θ]``, variances > 0: the closed forms of closed_form.py,
+    fused into few in-place passes (the hot loop of a ReLU network's kernels)."""
+    c = h[0]
+    out = torch.empty((kinds, *c.shape), dtype=c.dtype)
+    den = torch.mul(v1, v2, out=out[0]).sqrt_()  # √(v1 v2): ρ = 1 exactly on a diagonal
+    rho = torch.div(c, den).clamp_(-1.0, 1.0)
+    theta = torch.arccos(rho)
+    dk = theta.neg_().add_(math.pi).div_(2 * math.pi)  # (π − θ)/2π = E[step step]
+    sin = torch.mul(rho, rho).neg_().add_(1.0).clamp_min_(0.0).sqrt_().div_(2 * math.pi)
+    sin.addcmul_(dk, rho)  # (sin θ + (π − θ) cos θ)/2π
+    out[0].mul_(sin)
+    if kinds == 2:
+        torch.mul(dk, h[1], out=out[1])
+    return out
+
+
+def kernels_by_recursion(program: Program, output: Vector, batch: int,
+                         weight: Callable[[object], float] | None, n1: int | None = None,
+                         block_entries: int = BLOCK_ENTRIES) -> tuple[torch.Tensor, ...]:
+    """``(K,)`` or ``(K, Θ)`` of ``output`` (finite shape ``(batch,)``), each ``[batch, batch]``,
+    or ``[n1, batch - n1]`` (the rows ``< n1`` against the others) when ``n1`` is given.
+
+    Args:
+        weight: ``primitive -> float``, the NTK weight of a matrix or initial vector (None:
+            NNGP only).
+        block_entries: bound on the entries of one ``[pairs, P, P]`` block (memory).
+
+    Raises:
+        NotApplicable: the program is outside the recursion (the engine handles it).
+    """
+    if output.shape != (batch,):
+        raise NotApplicable("the output is not one value per example")
+    plan = _Plan(program, output, batch, weight)
+    kinds = 2 if plan.ntk else 1
+    p_max = max(math.prod(v.shape[1:]) for v in plan.order)
+    per_block = max(1, block_entries // (p_max * p_max))
+    variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
+                 for s in plan.steps.values() if isinstance(s, _Act)}
+    with torch.no_grad():
+        diag = torch.zeros(kinds, batch, dtype=torch.float64)
+        for start in range(0, batch, per_block):
+            rows = torch.arange(start, min(batch, start + per_block))
+            diag[:, rows] = _evaluate(plan, _Pairs(rows, None), variances, True)
+        side = max(1, math.isqrt(per_block))
+        if n1 is None:
+            result = torch.zeros(kinds, batch, batch, dtype=torch.float64)
+            blocks = [torch.arange(s, min(batch, s + side)) for s in range(0, batch, side)]
+            for a, rows in enumerate(blocks):
+                for cols in blocks[a:]:
+                    val = _evaluate(plan, _Pairs(rows, cols), variances, False)
+                    val = val.reshape(kinds, len(rows), len(cols))
+                    result[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = val
+                    result[:, cols[0]:cols[-1] + 1, rows[0]:rows[-1] + 1] = val.transpose(1, 2)
+            idx = torch.arange(batch)
+            result[:, idx, idx] = diag
+        else:
+            result = torch.zeros(kinds, n1, batch - n1, dtype=torch.float64)
+            left = [torch.arange(s, min(n1, s + side)) for s in range(0, n1, side)]
+            right = [torch.arange(s, min(batch, s + side)) for s in range(n1, batch, side)]
+            for rows in left:
+                for cols in right:
+                    val = _evaluate(plan, _Pairs(rows, cols), variances, False)
+                    result[:, rows[0]:rows[-1] + 1, cols[0] - n1:cols[-1] - n1 + 1] = val.reshape(
+                        kinds, len(rows), len(cols))
+    return tuple(result)
