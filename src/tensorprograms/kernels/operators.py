@@ -83,14 +83,21 @@ class SpatialOp:
             d = len(self.in_shape)
             t = c.reshape(*lead, *self.in_shape, *self.in_shape)
             base = len(lead)
+            scale = 1.0
             for side in (0, d):
                 for axis, f in enumerate(self.factors):
                     if f is None:
                         continue
-                    t = torch.movedim(torch.tensordot(t, f, dims=([base + side + axis], [1])), -1,
-                                      base + side + axis)
+                    dim = base + side + axis
+                    block = _block_mean(f)
+                    if block is not None:  # pooling windows that tile the axis: a reshaped sum
+                        t = t.unflatten(dim, (f.shape[0], f.shape[1] // f.shape[0])).sum(dim + 1)
+                        scale *= block
+                    else:
+                        t = torch.movedim(torch.tensordot(t, f, dims=([dim], [1])), -1, dim)
             p_out = math.prod(self.out_shape)
-            return t.reshape(*lead, p_out, p_out)
+            t = t.reshape(*lead, p_out, p_out)
+            return t if scale == 1.0 else t.mul_(scale)
         return self._side(self._side(c, -2), -1)
 
 
@@ -112,8 +119,9 @@ def translate_sum(c: torch.Tensor, shape: tuple[int, ...], items: list[tuple[tup
     if len(weights) == 1 and None not in weights and len(items) == math.prod(len(a) for a in axes) \
             and len({o for o, _ in items}) == len(items) and d > 1:
         (s,) = weights
-        for a in range(d):
-            t = _shift_sum(t, nl, d, [tuple(o if b == a else 0 for b in range(d)) for o in axes[a]])
+        per_axis = tuple(tuple(tuple(o if b == a else 0 for b in range(d)) for o in axes[a]) for a in range(d))
+        for offsets in per_axis:
+            t = _shift_sum(t, nl, d, list(offsets))
         return (t if s == 1.0 else t * s).reshape(*lead, p, p)
     out = None
     for off, s in items:
@@ -138,6 +146,17 @@ def _shift_sum(t: torch.Tensor, nl: int, d: int, offsets: list[tuple[int, ...]])
         src = [slice(max(0, o), n - max(0, -o)) for o, n in zip(off, shape)]
         out[(Ellipsis, *dst, *dst)] += t[(Ellipsis, *src, *src)]
     return out
+
+
+def _block_mean(f: torch.Tensor) -> float | None:
+    """c when ``f [n_out, n_in]`` is c·(I_{n_out} ⊗ 1ᵀ_k) (non-overlapping windows of k = n_in/n_out
+    consecutive inputs, equal weights), else None."""
+    n_out, n_in = f.shape
+    if n_in % n_out:
+        return None
+    c = float(f[0, 0])
+    want = torch.kron(torch.eye(n_out, dtype=f.dtype), torch.ones(1, n_in // n_out, dtype=f.dtype)) * c
+    return c if c != 0 and torch.equal(f, want) else None
 
 
 def _translation(m: torch.Tensor, in_shape, out_shape) -> tuple[int, ...] | None:

@@ -34,6 +34,7 @@ from ..program.calling import call_full
 from ..program.instructions import InitVector, LinComb, MatMul, Nonlin
 from ..program.program import Program
 from ..program.variables import Matrix, Vector
+from . import fused
 from .operators import SpatialOp, probe, translate_sum
 
 DENSE_ATOM_LIMIT = 1 << 14  # initial vectors up to this many finite entries are pushed as U
@@ -46,17 +47,19 @@ class NotApplicable(Exception):
 
 @dataclass
 class _Dense:
-    """Initial-vector atoms of a G-var: ``U [F, N, P]`` with block-diagonal Σ and Σ·w."""
+    """Initial-vector atoms of a G-var: ``U [F, N, P]`` with block-diagonal Σ and Σ·w (None:
+    the same as Σ)."""
 
     u: torch.Tensor
     cov: torch.Tensor
-    cov_ntk: torch.Tensor
+    cov_ntk: torch.Tensor | None
 
 
 @dataclass
 class _GVar:
-    groups: dict[Vector, list[tuple[SpatialOp, object, float]]] = field(default_factory=dict)
+    groups: dict[Vector, list[tuple[SpatialOp, float, float]]] = field(default_factory=dict)
     dense: _Dense | None = None
+    const: tuple[float, float] = (0.0, 0.0)  # initial vectors constant over examples and positions
 
 
 @dataclass
@@ -185,44 +188,42 @@ class _Plan:
             w = 0.0 if self.weight is None else float(self.weight(mm.matrix))
             step.groups.setdefault(mm.x, []).append((op, float(mm.matrix.variance), w))
         if dense:
-            us, covs, ntks = [], [], []
+            us, covs, ntks, consts = [], [], [], []
             for atom, u in dense.items():
                 f = u.shape[0]
-                us.append(u.reshape(f, self.batch, -1))
+                u = u.reshape(f, self.batch, -1)
                 c = atom.instruction.cov.reshape(f, f).to(torch.float64)
-                covs.append(c)
                 w = 0.0 if self.weight is None else float(self.weight(atom))
+                flat = u.reshape(f, -1)
+                if bool((flat == flat[:, :1]).all()):  # the same at every example and position (a bias)
+                    consts.append((flat[:, 0], c, w))
+                    continue
+                us.append(u)
+                covs.append(c)
                 ntks.append(w * c)
-            step.dense = _Dense(torch.cat(us), torch.block_diag(*covs), torch.block_diag(*ntks))
+            if us:
+                cov, cov_ntk = torch.block_diag(*covs), torch.block_diag(*ntks)
+                step.dense = _Dense(torch.cat(us), cov, None if torch.equal(cov, cov_ntk) else cov_ntk)
+            step.const = (sum(float(u @ c @ u) for u, c, _ in consts),
+                          sum(w * float(u @ c @ u) for u, c, w in consts))
         return step
 
 
 class _Pairs:
-    """Example pairs of one block: the grid ``I × J`` or the same-example pairs ``(n, n)``."""
+    """The example pairs ``(left[e], right[e])`` of one block."""
 
-    def __init__(self, rows: torch.Tensor, cols: torch.Tensor | None):
-        self.rows, self.cols = rows, cols
-        if cols is None:
-            self.left = self.right = rows
-        else:
-            self.left = rows.repeat_interleave(len(cols))
-            self.right = cols.repeat(len(rows))
+    def __init__(self, left: torch.Tensor, right: torch.Tensor):
+        self.left, self.right = left, right
 
     def dense(self, d: _Dense, cov: torch.Tensor) -> torch.Tensor:
-        """``Uᵀ Σ U`` for these pairs: ``[E, P, P]``."""
-        a = d.u[:, self.rows]  # [F, I, P]
-        if self.cols is None:
-            b = torch.einsum("fg,gnq->fnq", cov, a)
-            return torch.einsum("fnp,fnq->npq", a, b)
-        b = torch.einsum("fg,gjq->fjq", cov, d.u[:, self.cols])
-        f, ni, p = a.shape
-        nj = b.shape[1]
-        k = a.reshape(f, ni * p).T @ b.reshape(f, nj * b.shape[2])  # [(i p), (j q)]
-        return k.reshape(ni, p, nj, -1).permute(0, 2, 1, 3).reshape(ni * nj, p, -1)
+        """``U_lᵀ Σ U_r`` for these pairs: ``[E, P, P]``."""
+        a = d.u[:, self.left].permute(1, 2, 0)  # [E, P, F]
+        b = torch.einsum("fg,geq->efq", cov, d.u[:, self.right])  # [E, F, P]
+        return torch.bmm(a, b)
 
 
 def _evaluate(plan: _Plan, pairs: _Pairs, variances: dict[Vector, torch.Tensor],
-              store_variances: bool) -> torch.Tensor:
+              store_variances: bool, compiled: bool = False) -> torch.Tensor:
     """The output's ``[2 or 1, E]`` (NNGP, NTK) for the pairs of one block."""
     vals: dict[Vector, torch.Tensor] = {}  # v -> [kinds, E, P, P]
     kinds = 2 if plan.ntk else 1
@@ -237,27 +238,49 @@ def _evaluate(plan: _Plan, pairs: _Pairs, variances: dict[Vector, torch.Tensor],
                     by_weight.setdefault(w, []).append((op, var))
                 for w, ops in by_weight.items():
                     # MatMul atoms: K_a = σ² K_z, Θ_a = σ² (w K_z + Θ_z)
-                    src = t if kinds == 1 else torch.stack((t[0], w * t[0] + t[1]))
+                    if kinds == 1:
+                        src = t
+                    elif len(by_weight) == 1 and plan.last_use[z] == i:
+                        src = t  # z is not needed again: update it in place
+                        t[1].add_(t[0], alpha=w)
+                    else:
+                        src = torch.stack((t[0], w * t[0] + t[1]))
                     moves = [(op.offset, var) for op, var in ops if op.offset is not None]
                     terms = [translate_sum(src, ops[0][0].in_shape, moves)] if moves else []
-                    terms += [var * op.pair(src) for op, var in ops if op.offset is None]
+                    terms += [op.pair(src).mul_(var) for op, var in ops if op.offset is None]
                     for term in terms:
-                        out = term if out is None else out + term
+                        out = term if out is None else out.add_(term)
             if step.dense is not None:
                 d = pairs.dense(step.dense, step.dense.cov)
-                parts = [d] if kinds == 1 else [d, pairs.dense(step.dense, step.dense.cov_ntk)]
-                dense = torch.stack(parts)
-                out = dense if out is None else out + dense
+                if out is None and kinds == 2 and step.dense.cov_ntk is None:
+                    out = torch.stack((d, d))
+                elif out is None:
+                    out = d.unsqueeze(0).repeat(kinds, 1, 1, 1)
+                else:
+                    out[0].add_(d)
+                    if kinds == 2 and step.dense.cov_ntk is None:
+                        out[1].add_(d)
+                if kinds == 2 and step.dense.cov_ntk is not None:
+                    if step.groups:
+                        out[1].add_(pairs.dense(step.dense, step.dense.cov_ntk))
+                    else:
+                        out[1] = pairs.dense(step.dense, step.dense.cov_ntk)
+            if out is None:
+                p = math.prod(v.shape[1:])
+                out = torch.zeros(kinds, len(pairs.left), p, p, dtype=torch.float64)
+            for k in range(kinds):
+                if step.const[k]:
+                    out[k].add_(step.const[k])
         elif isinstance(step, _Lin):
             out = step.op.pair(vals[step.y])
         else:
             h = vals[step.h]
             if store_variances:
-                variances[step.h][pairs.rows] = h[0].diagonal(dim1=-2, dim2=-1)
+                variances[step.h][pairs.left] = h[0].diagonal(dim1=-2, dim2=-1)
             var = variances[step.h]
             v1, v2 = var[pairs.left].unsqueeze(-1), var[pairs.right].unsqueeze(-2)
             if step.phi == RELU and bool((var > 0).all()):
-                out = _relu_pair(v1, v2, h, kinds)
+                out = fused.relu_pair(v1, v2, h[0], h[1] if kinds == 2 else None, compiled)
             else:
                 shared: dict = {}  # ρ and θ, once for both kernels
                 k = closed_form.cross(step.phi, step.phi, v1, v2, h[0], shared)
@@ -276,24 +299,6 @@ def _evaluate(plan: _Plan, pairs: _Pairs, variances: dict[Vector, torch.Tensor],
 
 
 RELU = (((1.0, "relu"),), 0.0)
-
-
-def _relu_pair(v1: torch.Tensor, v2: torch.Tensor, h: torch.Tensor, kinds: int) -> torch.Tensor:
-    """``[E[relu(u) relu(v)], E[step(u) step(v)]·Θ]`` (Cho & Saul's arc-cosine kernels of
-    orders 1 and 0) from ``h = [K, Θ]``, variances > 0: the closed forms of closed_form.py,
-    fused into few in-place passes (the hot loop of a ReLU network's kernels)."""
-    c = h[0]
-    out = torch.empty((kinds, *c.shape), dtype=c.dtype)
-    den = torch.mul(v1, v2, out=out[0]).sqrt_()  # √(v1 v2): ρ = 1 exactly on a diagonal
-    rho = torch.div(c, den).clamp_(-1.0, 1.0)
-    theta = torch.arccos(rho)
-    dk = theta.neg_().add_(math.pi).div_(2 * math.pi)  # (π − θ)/2π = E[step step]
-    sin = torch.mul(rho, rho).neg_().add_(1.0).clamp_min_(0.0).sqrt_().div_(2 * math.pi)
-    sin.addcmul_(dk, rho)  # (sin θ + (π − θ) cos θ)/2π
-    out[0].mul_(sin)
-    if kinds == 2:
-        torch.mul(dk, h[1], out=out[1])
-    return out
 
 
 def kernels_by_recursion(program: Program, output: Vector, batch: int,
@@ -319,29 +324,28 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
     variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
                  for s in plan.steps.values() if isinstance(s, _Act)}
     with torch.no_grad():
-        diag = torch.zeros(kinds, batch, dtype=torch.float64)
-        for start in range(0, batch, per_block):
-            rows = torch.arange(start, min(batch, start + per_block))
-            diag[:, rows] = _evaluate(plan, _Pairs(rows, None), variances, True)
-        side = max(1, math.isqrt(per_block))
+        idx = torch.arange(batch)
         if n1 is None:
             result = torch.zeros(kinds, batch, batch, dtype=torch.float64)
-            blocks = [torch.arange(s, min(batch, s + side)) for s in range(0, batch, side)]
-            for a, rows in enumerate(blocks):
-                for cols in blocks[a:]:
-                    val = _evaluate(plan, _Pairs(rows, cols), variances, False)
-                    val = val.reshape(kinds, len(rows), len(cols))
-                    result[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = val
-                    result[:, cols[0]:cols[-1] + 1, rows[0]:rows[-1] + 1] = val.transpose(1, 2)
-            idx = torch.arange(batch)
-            result[:, idx, idx] = diag
+            iu = torch.triu_indices(batch, batch, 1)
+            left, right = iu[0], iu[1]
         else:
             result = torch.zeros(kinds, n1, batch - n1, dtype=torch.float64)
-            left = [torch.arange(s, min(n1, s + side)) for s in range(0, n1, side)]
-            right = [torch.arange(s, min(batch, s + side)) for s in range(n1, batch, side)]
-            for rows in left:
-                for cols in right:
-                    val = _evaluate(plan, _Pairs(rows, cols), variances, False)
-                    result[:, rows[0]:rows[-1] + 1, cols[0] - n1:cols[-1] - n1 + 1] = val.reshape(
-                        kinds, len(rows), len(cols))
+            left = torch.arange(n1).repeat_interleave(batch - n1)
+            right = torch.arange(n1, batch).repeat(n1)
+        compiled = fused.use_compiled((len(left) + batch) * p_max * p_max)
+        # the same-example pairs first: the variances every closed form needs
+        for start in range(0, batch, per_block):
+            rows = idx[start:start + per_block]
+            val = _evaluate(plan, _Pairs(rows, rows), variances, True, compiled)
+            if n1 is None:
+                result[:, rows, rows] = val
+        for start in range(0, len(left), per_block):
+            lb, rb = left[start:start + per_block], right[start:start + per_block]
+            val = _evaluate(plan, _Pairs(lb, rb), variances, False, compiled)
+            if n1 is None:
+                result[:, lb, rb] = val
+                result[:, rb, lb] = val
+            else:
+                result[:, lb, rb - n1] = val
     return tuple(result)
