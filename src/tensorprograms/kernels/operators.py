@@ -119,9 +119,8 @@ def translate_sum(c: torch.Tensor, shape: tuple[int, ...], items: list[tuple[tup
     if len(weights) == 1 and None not in weights and len(items) == math.prod(len(a) for a in axes) \
             and len({o for o, _ in items}) == len(items) and d > 1:
         (s,) = weights
-        per_axis = tuple(tuple(tuple(o if b == a else 0 for b in range(d)) for o in axes[a]) for a in range(d))
-        for offsets in per_axis:
-            t = _shift_sum(t, nl, d, list(offsets))
+        for a in range(d):
+            t = _shift_sum(t, nl, d, [tuple(o if b == a else 0 for b in range(d)) for o in axes[a]])
         return (t if s == 1.0 else t * s).reshape(*lead, p, p)
     out = None
     for off, s in items:
