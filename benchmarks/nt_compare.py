@@ -14,6 +14,8 @@ The "emp" case is one finite MLP's empirical NTK (depth 3, width 512, the same w
 both; neural-tangents' structured-derivatives implementation).
 
 Options: ``--cases mlp3,mlp10,cnn8,emp`` (default: the issue's cases but the 16×16 CNN),
+``--threads 1`` (both libraries on one thread each: torch's OpenMP and XLA's Eigen pool; on a
+loaded shared machine a 2-thread pool spends its time waiting for a descheduled thread),
 ``--n 4000`` (override N of the MLP cases), ``--repeats 3``, ``--scaling 1000,2000,4000,8000``
 (our MLP time vs N only).
 """
@@ -223,10 +225,17 @@ WORKERS = {"ours": worker_ours, "nt": worker_nt, "roofline": worker_roofline,
 
 
 # ---------------------------------------------------------------- driver
+THREADS: int | None = None  # --threads: one setting for both libraries
+
+
 def spawn(python: Path, worker: str, case: dict, x_path: str, out: str, repeats: int) -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", worker, "--case", json.dumps(case),
            "--x", x_path, "--out", out, "--repeats", str(repeats)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if THREADS is not None:
+        env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+        if THREADS == 1:
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{worker} on {case} failed:\n{proc.stderr[-3000:]}")
@@ -287,6 +296,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scaling", default="", help="comma-separated N for our depth-3 MLP alone")
     ap.add_argument("--no-nt", action="store_true", help="skip neural-tangents (our times only)")
+    ap.add_argument("--threads", type=int, default=None, help="threads of both libraries (default: theirs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--x", help=argparse.SUPPRESS)
@@ -296,8 +306,12 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](json.loads(args.case), args.x, args.out, args.repeats)))
         return
 
+    global THREADS
+    THREADS = args.threads
     nt = None if args.no_nt else nt_python()
-    print(f"load average {os.getloadavg()}, {os.cpu_count()} cores; median of {args.repeats} after warm-up")
+    threads = "default threads" if THREADS is None else f"{THREADS} thread(s) each"
+    print(f"load average {os.getloadavg()}, {os.cpu_count()} cores, {threads}; "
+          f"median of {args.repeats} after warm-up")
     head = (f"{'case':<12} {'N':>5} {'ours s':>8} {'nt s':>8} {'ours/nt':>8} {'roofline s':>10} "
             f"{'ours/roof':>9} {'ours MB':>8} {'nt MB':>8} {'rel. err all/off':>17}")
     print(head)
