@@ -182,3 +182,33 @@ def test_memory_is_bounded_by_the_block():
         SpatialOp.pair = orig
     assert seen and max(seen) <= 2 * (1 << 12) * 1.0 + 1
     assert math.isfinite(sum(seen))
+
+
+def test_fused_relu_pass_matches_closed_forms():
+    """The fused ReLU pass (eager) equals closed_form.cross for relu·relu and step·step."""
+    from tensorprograms.kernels import fused
+    from tensorprograms.master import closed_form
+
+    g = torch.Generator().manual_seed(2)
+    v1 = torch.rand(3, 5, 1, generator=g, dtype=torch.float64) + 0.5
+    v2 = torch.rand(3, 1, 5, generator=g, dtype=torch.float64) + 0.5
+    c = (torch.rand(3, 5, 5, generator=g, dtype=torch.float64) * 2 - 1) * (v1 * v2).sqrt()
+    theta = torch.rand(3, 5, 5, generator=g, dtype=torch.float64)
+    relu, step = closed_form.terms_of(torch.relu), closed_form.terms_of(closed_form.derivative(torch.relu))
+    want = torch.stack((closed_form.cross(relu, relu, v1, v2, c),
+                        closed_form.cross(step, step, v1, v2, c) * theta))
+    _close(fused.relu_pair(v1, v2, c, theta), want)
+
+
+@pytest.mark.slow
+def test_compiled_relu_pass_matches_eager():
+    """torch.compile's fused loop (used for large jobs) equals the eager pass (tens of seconds
+    of compilation)."""
+    from tensorprograms.kernels import fused
+
+    g = torch.Generator().manual_seed(3)
+    v1 = torch.rand(4, 6, 1, generator=g, dtype=torch.float64) + 0.5
+    v2 = torch.rand(4, 1, 6, generator=g, dtype=torch.float64) + 0.5
+    c = (torch.rand(4, 6, 6, generator=g, dtype=torch.float64) * 2 - 1) * (v1 * v2).sqrt()
+    theta = torch.rand(4, 6, 6, generator=g, dtype=torch.float64)
+    _close(fused.relu_pair(v1, v2, c, theta, compiled=True), fused.relu_pair(v1, v2, c, theta))
