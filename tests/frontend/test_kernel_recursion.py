@@ -212,3 +212,24 @@ def test_compiled_relu_pass_matches_eager():
     c = (torch.rand(4, 6, 6, generator=g, dtype=torch.float64) * 2 - 1) * (v1 * v2).sqrt()
     theta = torch.rand(4, 6, 6, generator=g, dtype=torch.float64)
     _close(fused.relu_pair(v1, v2, c, theta, compiled=True), fused.relu_pair(v1, v2, c, theta))
+
+
+def test_default_pytorch_init_biases_as_constant_parameters():
+    """PyTorch's default bias init vanishes with width: the bias is a constant-initialized
+    parameter whose stand-in enters Θ only (standard parametrization) or not at all (NTK)."""
+    x = _inputs((2, 7), n=3)
+
+    def plain(width):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(2, width, 3, padding=1), nn.ReLU(), nn.Conv1d(width, width, 3),
+                             nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, 1))
+
+    for kw in ({}, {"parametrization": "standard", "nominal_width": 16}):
+        limit = tp.infinite_width(plain, x, **kw)
+        assert limit._lowering.ghosts
+        kernels_by_recursion(limit.program, limit.output.var, 3, lambda p: 1.0,
+                             ghosts=limit._lowering.ghosts)  # within its scope: no NotApplicable
+        K, T = limit.kernels(x)
+        K0, T0 = _engine(limit, x)
+        _close(K, K0)
+        _close(T, T0)

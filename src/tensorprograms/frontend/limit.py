@@ -210,7 +210,7 @@ class InfiniteWidthLimit:
         the program has positions (convolutions) and is within its scope, else None (the
         engine's path). ``grads`` None: the NNGP alone."""
         low = self._lowering
-        if self.parametrization not in ("ntk", "standard") or low.ghosts:
+        if self.parametrization not in ("ntk", "standard"):
             return None
         if torch.is_grad_enabled() and any(h.requires_grad for h in self.hyperparameters.values()):
             return None  # differentiable kernels go through the engine
@@ -223,9 +223,10 @@ class InfiniteWidthLimit:
                 name = low.param_of.get(prim)
                 if name is None or not grads.get(name, False):
                     return 0.0
-                return float(self._ntk_weight(name, False, low))
+                return float(self._ntk_weight(name, prim in ghosts, low))
+        ghosts = set(low._ghost_prims.values())
         try:
-            return kernels_by_recursion(program, output, batch, weight, n1)
+            return kernels_by_recursion(program, output, batch, weight, n1, ghosts=low.ghosts)
         except NotApplicable:
             return None
 

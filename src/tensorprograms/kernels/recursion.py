@@ -79,9 +79,19 @@ class _Plan:
     """The program read as recursion steps, for the vectors the output needs."""
 
     def __init__(self, program: Program, output: Vector, batch: int,
-                 weight: Callable[[object], float] | None):
+                 weight: Callable[[object], float] | None, ghosts=()):
         self.batch, self.weight = batch, weight
         self.ntk = weight is not None
+        # constant-initialized parameters: (primitive, use, target) with `use` (a LinComb of the
+        # unit-variance primitive) added to `target` for the NTK only (not the forward pass)
+        self.ghosts: dict[Vector, list[Vector]] = {}
+        self.ghost_prims: set[Vector] = set()
+        for prim, use, target, factor in ghosts:
+            if factor is not None:
+                raise NotApplicable("a constant-initialized gain")
+            if self.ntk:
+                self.ghosts.setdefault(target, []).append(use)
+                self.ghost_prims.add(prim)
         self.steps: dict[Vector, object] = {}
         self._terms: dict[Vector, tuple[dict, dict]] = {}  # g -> ({atom: op}, {init: U})
         used: dict[Matrix, int] = {}
@@ -177,6 +187,12 @@ class _Plan:
                     dense[atom] = dense[atom] + t if atom in dense else t
         else:
             raise NotApplicable(f"{g.name}: {type(ins).__name__} is not Gaussian")
+        for use in self.ghosts.get(g, ()):
+            use_spatial, use_dense = self._atoms(use)
+            if use_spatial or use.shape != g.shape:
+                raise NotApplicable(f"{use.name}: a constant-initialized parameter of another shape")
+            for atom, u in use_dense.items():
+                dense[atom] = dense[atom] + u if atom in dense else u
         self._terms[g] = (spatial, dense)
         return spatial, dense
 
@@ -194,18 +210,20 @@ class _Plan:
                 u = u.reshape(f, self.batch, -1)
                 c = atom.instruction.cov.reshape(f, f).to(torch.float64)
                 w = 0.0 if self.weight is None else float(self.weight(atom))
+                # a constant-initialized parameter's stand-in enters Θ only (w·UᵀΣU), not K
+                c_k, c_ntk = (torch.zeros_like(c) if atom in self.ghost_prims else c), w * c
                 flat = u.reshape(f, -1)
                 if bool((flat == flat[:, :1]).all()):  # the same at every example and position (a bias)
-                    consts.append((flat[:, 0], c, w))
+                    consts.append((flat[:, 0], c_k, c_ntk))
                     continue
                 us.append(u)
-                covs.append(c)
-                ntks.append(w * c)
+                covs.append(c_k)
+                ntks.append(c_ntk)
             if us:
                 cov, cov_ntk = torch.block_diag(*covs), torch.block_diag(*ntks)
                 step.dense = _Dense(torch.cat(us), cov, None if torch.equal(cov, cov_ntk) else cov_ntk)
             step.const = (sum(float(u @ c @ u) for u, c, _ in consts),
-                          sum(w * float(u @ c @ u) for u, c, w in consts))
+                          sum(float(u @ c @ u) for u, _, c in consts))
         return step
 
 
@@ -303,7 +321,7 @@ RELU = (((1.0, "relu"),), 0.0)
 
 def kernels_by_recursion(program: Program, output: Vector, batch: int,
                          weight: Callable[[object], float] | None, n1: int | None = None,
-                         block_entries: int = BLOCK_ENTRIES) -> tuple[torch.Tensor, ...]:
+                         block_entries: int = BLOCK_ENTRIES, ghosts=()) -> tuple[torch.Tensor, ...]:
     """``(K,)`` or ``(K, Θ)`` of ``output`` (finite shape ``(batch,)``), each ``[batch, batch]``,
     or ``[n1, batch - n1]`` (the rows ``< n1`` against the others) when ``n1`` is given.
 
@@ -311,13 +329,15 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
         weight: ``primitive -> float``, the NTK weight of a matrix or initial vector (None:
             NNGP only).
         block_entries: bound on the entries of one ``[pairs, P, P]`` block (memory).
+        ghosts: the lowering's ``(primitive, use, target, factor)`` for constant-initialized
+            parameters (frontend/ntk.py): their stand-ins add ``weight·Cov`` to Θ only.
 
     Raises:
         NotApplicable: the program is outside the recursion (the engine handles it).
     """
     if output.shape != (batch,):
         raise NotApplicable("the output is not one value per example")
-    plan = _Plan(program, output, batch, weight)
+    plan = _Plan(program, output, batch, weight, ghosts)
     kinds = 2 if plan.ntk else 1
     p_max = max(math.prod(v.shape[1:]) for v in plan.order)
     per_block = max(1, block_entries // (p_max * p_max))
