@@ -100,7 +100,7 @@ def test_recursion_is_used_and_blocking_does_not_change_values():
         return 1.0
 
     big = kernels_by_recursion(program, out.var, 5, weight)
-    small = kernels_by_recursion(program, out.var, 5, weight, block_entries=16)  # one pair a block
+    small = kernels_by_recursion(program, out.var, 5, weight, block_entries=16, min_pairs=1)  # a pair a block
     for a, b in zip(big, small):
         _close(a, b)
 
@@ -177,7 +177,8 @@ def test_memory_is_bounded_by_the_block():
 
     SpatialOp.pair = spy
     try:
-        kernels_by_recursion(limit.program, limit.output.var, 8, lambda p: 1.0, block_entries=1 << 12)
+        kernels_by_recursion(limit.program, limit.output.var, 8, lambda p: 1.0, block_entries=1 << 12,
+                             min_pairs=1)
     finally:
         SpatialOp.pair = orig
     assert seen and max(seen) <= 2 * (1 << 12) * 1.0 + 1

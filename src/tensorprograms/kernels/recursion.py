@@ -38,7 +38,12 @@ from . import fused
 from .operators import SpatialOp, probe, translate_sum
 
 DENSE_ATOM_LIMIT = 1 << 14  # initial vectors up to this many finite entries are pushed as U
-BLOCK_ENTRIES = 1 << 22  # entries of one [pairs, P, P] covariance block (32 MiB in float64)
+# Entries of one [pairs, P, P] covariance block: small enough for the processor's caches
+# (measured on the 2-core development machine, 8×8 images, N = 64: 2^18 entries 4.5 s,
+# 2^20 7.0 s, 2^22 12 s), but at least MIN_PAIRS pairs so that the per-block Python work
+# stays small (16×16 images: 16 pairs = 2^20 entries 30 s, 4 pairs 41 s).
+BLOCK_ENTRIES = 1 << 18
+MIN_PAIRS = 16
 
 
 class NotApplicable(Exception):
@@ -321,14 +326,16 @@ RELU = (((1.0, "relu"),), 0.0)
 
 def kernels_by_recursion(program: Program, output: Vector, batch: int,
                          weight: Callable[[object], float] | None, n1: int | None = None,
-                         block_entries: int = BLOCK_ENTRIES, ghosts=()) -> tuple[torch.Tensor, ...]:
+                         block_entries: int = BLOCK_ENTRIES, ghosts=(), min_pairs: int = MIN_PAIRS
+                         ) -> tuple[torch.Tensor, ...]:
     """``(K,)`` or ``(K, Θ)`` of ``output`` (finite shape ``(batch,)``), each ``[batch, batch]``,
     or ``[n1, batch - n1]`` (the rows ``< n1`` against the others) when ``n1`` is given.
 
     Args:
         weight: ``primitive -> float``, the NTK weight of a matrix or initial vector (None:
             NNGP only).
-        block_entries: bound on the entries of one ``[pairs, P, P]`` block (memory).
+        block_entries, min_pairs: a block holds ``max(min_pairs, block_entries // P²)`` example
+            pairs (P: the most positions of any vector); memory is a few such blocks.
         ghosts: the lowering's ``(primitive, use, target, factor)`` for constant-initialized
             parameters (frontend/ntk.py): their stand-ins add ``weight·Cov`` to Θ only.
 
@@ -340,7 +347,7 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
     plan = _Plan(program, output, batch, weight, ghosts)
     kinds = 2 if plan.ntk else 1
     p_max = max(math.prod(v.shape[1:]) for v in plan.order)
-    per_block = max(1, block_entries // (p_max * p_max))
+    per_block = max(min_pairs, block_entries // (p_max * p_max), 1)
     variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
                  for s in plan.steps.values() if isinstance(s, _Act)}
     with torch.no_grad():
