@@ -44,6 +44,10 @@ DENSE_ATOM_LIMIT = 1 << 14  # initial vectors up to this many finite entries are
 # stays small (16×16 images: 16 pairs = 2^20 entries 30 s, 4 pairs 41 s).
 BLOCK_ENTRIES = 1 << 18
 MIN_PAIRS = 16
+# torch threads for the recursion's tensor ops (None: torch's own setting). Cache-sized
+# blocks make each op short, and an OpenMP pool pays a barrier per op: on the shared 2-core
+# machine (load 8) the 8×8 case took 24 s with 2 threads and 3.8 s with 1.
+THREADS: int | None = 1
 
 
 class NotApplicable(Exception):
@@ -350,6 +354,18 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
     per_block = max(min_pairs, block_entries // (p_max * p_max), 1)
     variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
                  for s in plan.steps.values() if isinstance(s, _Act)}
+    threads = torch.get_num_threads()
+    if THREADS is not None:
+        torch.set_num_threads(THREADS)
+    try:
+        return _blocks(plan, batch, kinds, variances, n1, per_block, p_max)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _blocks(plan: _Plan, batch: int, kinds: int, variances: dict, n1: int | None, per_block: int,
+            p_max: int) -> tuple[torch.Tensor, ...]:
+    """Every block of example pairs: the same-example pairs first, then the others."""
     with torch.no_grad():
         idx = torch.arange(batch)
         if n1 is None:
