@@ -348,19 +348,23 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
     """
     if output.shape != (batch,):
         raise NotApplicable("the output is not one value per example")
+    threads = torch.get_num_threads()
+    if THREADS is not None:
+        torch.set_num_threads(THREADS)
+    try:
+        return _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs):
     plan = _Plan(program, output, batch, weight, ghosts)
     kinds = 2 if plan.ntk else 1
     p_max = max(math.prod(v.shape[1:]) for v in plan.order)
     per_block = max(min_pairs, block_entries // (p_max * p_max), 1)
     variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
                  for s in plan.steps.values() if isinstance(s, _Act)}
-    threads = torch.get_num_threads()
-    if THREADS is not None:
-        torch.set_num_threads(THREADS)
-    try:
-        return _blocks(plan, batch, kinds, variances, n1, per_block, p_max)
-    finally:
-        torch.set_num_threads(threads)
+    return _blocks(plan, batch, kinds, variances, n1, per_block, p_max)
 
 
 def _blocks(plan: _Plan, batch: int, kinds: int, variances: dict, n1: int | None, per_block: int,
