@@ -14,6 +14,8 @@ The "emp" case is one finite MLP's empirical NTK (depth 3, width 512, the same w
 both; neural-tangents' structured-derivatives implementation).
 
 Options: ``--cases mlp3,mlp10,cnn8,emp`` (default: the issue's cases but the 16×16 CNN),
+``--threads 1`` (both libraries on one thread each: torch's OpenMP and XLA's Eigen pool; on a
+loaded shared machine a 2-thread pool spends its time waiting for a descheduled thread),
 ``--n 4000`` (override N of the MLP cases), ``--repeats 3``, ``--scaling 1000,2000,4000,8000``
 (our MLP time vs N only).
 """
@@ -43,6 +45,8 @@ CASES = {
     "mlp10": dict(arch="mlp", depth=10, n=4000, shape=(784,)),
     "cnn8": dict(arch="cnn", n=64, shape=(8, 8, 3)),
     "cnn16": dict(arch="cnn", n=64, shape=(16, 16, 3)),
+    # the same with nt.batch (blocks of 16 inputs): neural-tangents' bounded-memory mode
+    "cnn16b": dict(arch="cnn", n=64, shape=(16, 16, 3), nt_batch=16),
     # one finite ReLU MLP (depth 3, width 512, NTK parametrization), same weights in both
     "emp": dict(arch="emp", depth=3, n=256, shape=(784,)),
 }
@@ -190,6 +194,10 @@ def worker_nt(case: dict, x_path: str, out: str, repeats: int) -> dict:
                   conv(), stax.Relu(), stax.GlobalAvgPool(), stax.Dense(1, W_std=sw, b_std=sb)]
     _, _, kernel_fn = stax.serial(*layers)
     kernel_fn = jax.jit(kernel_fn, static_argnames="get")
+    if case.get("nt_batch"):
+        import neural_tangents as nt
+
+        kernel_fn = nt.batch(kernel_fn, batch_size=case["nt_batch"], store_on_device=False)
     x = jax.numpy.asarray(np.load(x_path))
     result = {}
 
@@ -223,13 +231,21 @@ WORKERS = {"ours": worker_ours, "nt": worker_nt, "roofline": worker_roofline,
 
 
 # ---------------------------------------------------------------- driver
+THREADS: int | None = None  # --threads: one setting for both libraries
+
+
 def spawn(python: Path, worker: str, case: dict, x_path: str, out: str, repeats: int) -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), "--worker", worker, "--case", json.dumps(case),
            "--x", x_path, "--out", out, "--repeats", str(repeats)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    if THREADS is not None:
+        env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+        if THREADS == 1:
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{worker} on {case} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{worker} on {case} failed (exit {proc.returncode}; -9: killed, e.g. out "
+                           f"of memory):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -269,7 +285,12 @@ def run_case(name: str, case: dict, tmp: str, nt: Path | None, repeats: int) -> 
     t_ours = statistics.median(ours["times"])
     nt_s = ratio = nt_mb = err = roof = roof_ratio = ""
     if nt is not None:
-        theirs = spawn(nt, "nt" + emp, case, x_path, nt_out, repeats)
+        try:
+            theirs = spawn(nt, "nt" + emp, case, x_path, nt_out, repeats)
+        except RuntimeError as exc:  # keep our row; say why theirs is missing
+            print(str(exc).splitlines()[0], file=sys.stderr)
+            theirs = None
+    if nt is not None and theirs is not None:
         t_nt = statistics.median(theirs["times"])
         nt_s, ratio, nt_mb = f"{t_nt:.3f}", f"{t_ours / t_nt:.2f}", f"{theirs['peak_mb']:.0f}"
         err = "{:.1e} / {:.1e}".format(*rel_err(ours_out, nt_out))
@@ -277,7 +298,7 @@ def run_case(name: str, case: dict, tmp: str, nt: Path | None, repeats: int) -> 
         r = spawn(Path(sys.executable), "roofline", case, x_path, "", repeats)
         roof, roof_ratio = f"{r['roofline']:.3f}", f"{t_ours / r['roofline']:.1f}"
     return (f"{name:<12} {case['n']:>5} {t_ours:8.3f} {nt_s:>8} {ratio:>8} {roof:>10} {roof_ratio:>9} "
-            f"{ours['peak_mb']:8.0f} {nt_mb:>8} {err:>17}")
+            f"{ours['peak_mb']:8.0f} {nt_mb:>8} {err:>17} {ours['warm']:9.1f}")
 
 
 def main() -> None:
@@ -287,6 +308,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scaling", default="", help="comma-separated N for our depth-3 MLP alone")
     ap.add_argument("--no-nt", action="store_true", help="skip neural-tangents (our times only)")
+    ap.add_argument("--threads", type=int, default=None, help="threads of both libraries (default: theirs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--x", help=argparse.SUPPRESS)
@@ -296,10 +318,14 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](json.loads(args.case), args.x, args.out, args.repeats)))
         return
 
+    global THREADS
+    THREADS = args.threads
     nt = None if args.no_nt else nt_python()
-    print(f"load average {os.getloadavg()}, {os.cpu_count()} cores; median of {args.repeats} after warm-up")
+    threads = "default threads" if THREADS is None else f"{THREADS} thread(s) each"
+    print(f"load average {os.getloadavg()}, {os.cpu_count()} cores, {threads}; "
+          f"median of {args.repeats} after warm-up")
     head = (f"{'case':<12} {'N':>5} {'ours s':>8} {'nt s':>8} {'ours/nt':>8} {'roofline s':>10} "
-            f"{'ours/roof':>9} {'ours MB':>8} {'nt MB':>8} {'rel. err all/off':>17}")
+            f"{'ours/roof':>9} {'ours MB':>8} {'nt MB':>8} {'rel. err all/off':>17} {'ours 1st':>9}")
     print(head)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..kernels import NotApplicable, kernels_by_recursion
 from ..master import master_theorem, over_seeds
 from ..parametrization.abc import ABCParametrization
 from ..program.program import Program
@@ -195,6 +196,9 @@ class InfiniteWidthLimit:
                 "the model has no trainable parameters (every requires_grad is False): its NTK "
                 "is zero. Unfreeze the parameters you train."
             )
+        fast = self._by_recursion(program, out.var, batch, n1 if x2 is not None else None, grads)
+        if fast is not None:
+            return fast
         contributions, limit = ntk_of(program, out.var, batch, engine,
                                       trainable=lambda v: grads.get(low.param_of.get(v), False),
                                       ghosts=low.ghosts, owner_cache=self._owners)
@@ -216,6 +220,32 @@ class InfiniteWidthLimit:
         if x2 is None:
             return K, theta
         return K[:n1, n1:], theta[:n1, n1:]
+
+    def _by_recursion(self, program: Program, output, batch: int, n1: int | None,
+                      grads: dict[str, bool] | None):
+        """The kernels by the batched recursion over example pairs (kernels/recursion.py) when
+        the program has positions (convolutions) and is within its scope, else None (the
+        engine's path). ``grads`` None: the NNGP alone."""
+        low = self._lowering
+        if self.parametrization not in ("ntk", "standard"):
+            return None
+        if torch.is_grad_enabled() and any(h.requires_grad for h in self.hyperparameters.values()):
+            return None  # differentiable kernels go through the engine
+        if not any(len(v.shape) > 1 and v.shape[0] == batch and math.prod(v.shape[1:]) > 1
+                   for v in program.vectors):
+            return None  # no positions: the engine's MLP path
+        weight = None
+        if grads is not None:
+            def weight(prim):
+                name = low.param_of.get(prim)
+                if name is None or not grads.get(name, False):
+                    return 0.0
+                return float(self._ntk_weight(name, prim in ghosts, low))
+        ghosts = set(low._ghost_prims.values())
+        try:
+            return kernels_by_recursion(program, output, batch, weight, n1, ghosts=low.ghosts)
+        except NotApplicable:
+            return None
 
     def _ntk_weight(self, name: str, ghost: bool, low: Lowering):
         """The factor of a parameter's contribution Θ_p (its NTK-parametrization term, or
@@ -300,7 +330,12 @@ class InfiniteWidthLimit:
         self._no_kernels_for_mup()
         xs, n1 = self._inputs(x1, x2)
         program, out = self._lower(xs)
-        K = _per_example(engine(program).second_moment(out.var), xs[0].shape[0])
+        batch = xs[0].shape[0]
+        if out.var.shape == (batch,):
+            fast = self._by_recursion(program, out.var, batch, n1 if x2 is not None else None, None)
+            if fast is not None:
+                return fast[0]
+        K = _per_example(engine(program).second_moment(out.var), batch)
         return K if x2 is None else K[:n1, n1:]
 
 

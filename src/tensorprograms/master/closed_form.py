@@ -249,12 +249,15 @@ def mean(terms: Terms, var: torch.Tensor) -> torch.Tensor | None:
 
 
 def cross(
-    t1: Terms, t2: Terms, v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor
+    t1: Terms, t2: Terms, v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor, shared: dict | None = None
 ) -> torch.Tensor | None:
-    """E[f(u) g(v)] (shapes of v1, v2, c broadcast), or None if some pair has no formula."""
+    """E[f(u) g(v)] (shapes of v1, v2, c broadcast), or None if some pair has no formula.
+
+    ``shared``: a dict kept by the caller across calls with the same ``(v1, v2, c)`` (e.g.
+    E[φφ] and E[φ'φ'] of one covariance), so that ρ and θ are computed once."""
     shape = torch.broadcast_shapes(v1.shape, v2.shape, c.shape)
     total = None  # not zeros + …: each full-size pass counts for kernels of many inputs
-    pair = _Pair(v1, v2, c)
+    pair = _Pair(v1, v2, c, shared)
     for coef1, b1 in t1[0]:
         for coef2, b2 in t2[0]:
             val = _cross_base(b1, b2, pair)
