@@ -80,3 +80,14 @@ def test_over_seeds_argument_errors():
         over_seeds(lambda e: e(P).second_moment(z), 1)
     with pytest.raises(ValueError, match="start="):
         over_seeds(lambda e: e(P).second_moment(z), 4, seed=3)
+
+
+def test_limit_seeds_without_stderr_is_an_error():
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    limit = tp.infinite_width(lambda n: torch.nn.Sequential(torch.nn.Linear(6, n), torch.nn.Tanh(),
+                                                            torch.nn.Linear(n, 1)), x)
+    for call in (limit.nngp, limit.ntk, limit.kernels):
+        with pytest.raises(ValueError, match="only applies with stderr=True"):
+            call(x, seeds=4)
+    with pytest.raises(ValueError, match="seeds must be an integer ≥ 2"):
+        limit.nngp(x, stderr=True, seeds=0)

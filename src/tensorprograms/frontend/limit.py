@@ -35,6 +35,20 @@ def _check_finite(xs: Sequence[torch.Tensor], what: str) -> None:
             raise ValueError(f"{what}[{i}] contains NaN or Inf; clean the inputs first.")
 
 
+DEFAULT_SEEDS = 8  # Monte Carlo seeds of the engine behind ``stderr=True``
+
+
+def _seed_count(stderr: bool, seeds: int | None) -> int:
+    """The number of engine seeds behind ``stderr=True`` (``seeds`` alone is an error)."""
+    if seeds is not None and not stderr:
+        raise ValueError(
+            f"seeds={seeds!r} only applies with stderr=True (the kernel is then the mean over that "
+            "many Monte Carlo seeds of the engine, with its standard error); pass stderr=True, or "
+            "drop seeds= for one deterministic run"
+        )
+    return DEFAULT_SEEDS if seeds is None else seeds
+
+
 class InfiniteWidthLimit:
     """The n → ∞ limit of ``factory(width)`` (see :func:`infinite_width`)."""
 
@@ -152,7 +166,7 @@ class InfiniteWidthLimit:
                 "use limit.trainer(...), or parametrization='ntk' for the kernels"
             )
 
-    def ntk(self, x1, x2=None, *, stderr: bool = False, seeds: int = 8):
+    def ntk(self, x1, x2=None, *, stderr: bool = False, seeds: int | None = None):
         """The NTK ``[N1, N2]`` (float64, per output unit) in this limit's parametrization.
 
         Built by TP II's construction: the backward pass appended to the forward program,
@@ -160,18 +174,20 @@ class InfiniteWidthLimit:
         parameter weighted as its parametrization trains it (see docs/frontend.md, "NTK").
         With ``stderr=True``: ``(ntk, standard error)`` as for :meth:`nngp`.
         """
+        _seed_count(stderr, seeds)
         if stderr:
             (_, theta), (_, se) = self.kernels(x1, x2, stderr=True, seeds=seeds)
             return theta, se
         return self.kernels(x1, x2)[1]
 
-    def kernels(self, x1, x2=None, *, stderr: bool = False, seeds: int = 8):
+    def kernels(self, x1, x2=None, *, stderr: bool = False, seeds: int | None = None):
         """``(nngp, ntk)``, each ``[N1, N2]``, from one program (the NTK's forward part is the
         NNGP's program, so the work is shared). With ``stderr=True``:
         ``((nngp, ntk), (nngp_stderr, ntk_stderr))`` over ``seeds`` Monte Carlo seeds (see
         :meth:`nngp`)."""
+        k = _seed_count(stderr, seeds)
         if stderr:
-            return over_seeds(lambda engine: self._kernels(x1, x2, engine), seeds)
+            return over_seeds(lambda engine: self._kernels(x1, x2, engine), k)
         return self._kernels(x1, x2, master_theorem)
 
     def _kernels(self, x1, x2, engine) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,19 +327,20 @@ class InfiniteWidthLimit:
             return "input"
         return "hidden" if 0 in axes else "output"
 
-    def nngp(self, x1, x2=None, *, stderr: bool = False, seeds: int = 8):
+    def nngp(self, x1, x2=None, *, stderr: bool = False, seeds: int | None = None):
         """The NNGP kernel ``[N1, N2]`` (float64): ``E[f(x1) f(x2)]`` of one output unit.
 
         With ``stderr=True`` returns ``(nngp, standard error)``: the kernel is computed with
-        ``seeds`` independent Monte Carlo seeds of the engine and the result is their mean,
+        ``seeds`` (default 8) independent Monte Carlo seeds of the engine and the result is their mean,
         with standard error the spread over √seeds (:func:`tp.master.over_seeds`). Unlike the
         engine's per-expectation errors this includes the Monte Carlo error of every layer
         below (GRU/LSTM gates, batch norm, max-pool). A limit without Monte Carlo
         expectations is computed once and has a zero standard error; otherwise the mean
         over seeds is detached (no gradients to ``hyperparameters``).
         """
+        k = _seed_count(stderr, seeds)
         if stderr:
-            return over_seeds(lambda engine: self._nngp(x1, x2, engine), seeds)
+            return over_seeds(lambda engine: self._nngp(x1, x2, engine), k)
         return self._nngp(x1, x2, master_theorem)
 
     def _nngp(self, x1, x2, engine) -> torch.Tensor:
