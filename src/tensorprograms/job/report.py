@@ -192,8 +192,7 @@ def write_report(rows: Sequence[Row], baselines, out: Path, train: TrainConfig, 
     md += [f"- {n}" for n in notes]
     if any(r.limit is not None and r.limit.reason for r in rows):
         md += ["- A limit marked *unsupported* is one the frontend cannot build yet "
-               "(`tp.UnsupportedOperation` names the op); GRU support is being added on the "
-               "`rnn` branch.", ""]
+               "(`tp.UnsupportedOperation` names the op).", ""]
     if "accuracy.png" in plots:
         md += ["", "![accuracy vs width](accuracy.png)", ""]
     conv = [r for r in rows if r.convergence is not None]
