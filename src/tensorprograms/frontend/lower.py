@@ -22,6 +22,7 @@ from ..program import functions as F
 from ..program.program import Program
 from ..program.variables import Scalar
 from .capture import Captured, source_line
+from .tied import tied_parameters
 from .values import Concat, Data, Merged, NodeView, Param, ParamT, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
@@ -93,6 +94,7 @@ class Lowering:
         # and matrices rewritten as independent pieces (they must not be used unsplit)
         self.splits: dict[Any, Any] = {}
         self.split_sources: set[Any] = set()
+        self.tied = tied_parameters(captured.modules)
 
     def new_matrix(self, param: str, name: str, variance: float):
         m = self.program.matrix(name, variance=variance)
@@ -158,9 +160,10 @@ class Lowering:
             if node.op == "placeholder":
                 if node.name in self.c.param_of:
                     dims = self.c.dims[node.name]
-                    self.env[node.name] = Param(
-                        self.c.param_of[node.name], node.name, dims.small, dims.width_axes
-                    )
+                    name = self.c.param_of[node.name]
+                    # a deep copy equal to another parameter at initialization is that parameter
+                    self.env[node.name] = Param(self.tied.get(name, name), node.name, dims.small,
+                                                dims.width_axes)
                     self.params[self.c.param_of[node.name]] = self.env[node.name]
                 else:
                     self.env[node.name] = Data(next(user))

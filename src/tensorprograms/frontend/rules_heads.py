@@ -208,12 +208,14 @@ def _split_part(low: Lowering, var: Vector, block: int, blocks: int, k: int, alp
     ins = var.instruction
     if isinstance(ins, MatMul) and not ins.transpose:
         W = ins.matrix
-        name = low.param_of.get(W)
-        Wa = P.matrix(f"{W.name}_b{block}r{alpha}", variance=W.variance, out_ratio=ratio, in_ratio=W.in_ratio)
-        if name is not None:
-            low.param_of[Wa] = name
+        wkey = (W, block, blocks, k, alpha)  # a weight used twice (shared) splits once
+        if wkey not in cache:
+            cache[wkey] = P.matrix(f"{W.name}_b{block}r{alpha}", variance=W.variance, out_ratio=ratio,
+                                   in_ratio=W.in_ratio)
+            if W in low.param_of:
+                low.param_of[cache[wkey]] = low.param_of[W]
         low.split_sources.add(W)
-        out = Wa @ ins.x
+        out = cache[wkey] @ ins.x
     elif isinstance(ins, InitVector):
         out = P.vector(f"{var.name}_b{block}r{alpha}", shape=var.shape, cov=ins.cov, ratio=ratio)
         if var in low.param_of:
