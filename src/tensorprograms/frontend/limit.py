@@ -214,6 +214,8 @@ class InfiniteWidthLimit:
                 "is zero. Unfreeze the parameters you train."
             )
         _check_no_trained_ties(low, grads)
+        if self.parametrization != "ntk":
+            _check_no_split_ghosts(low, grads)
         fast = self._by_recursion(program, out.var, batch, n1 if x2 is not None else None, grads)
         if fast is not None:
             return fast
@@ -371,6 +373,20 @@ def _check_no_trained_ties(low: Lowering, grads: dict[str, bool]) -> None:
                 "NTK of separately trained copies is not implemented. Build the layers separately "
                 "(e.g. nn.Sequential(*[nn.TransformerEncoderLayer(...) for _ in range(L)])) or "
                 "re-initialize the copies (tp.init / nn.init) so that they are independent."
+            )
+
+
+def _check_no_split_ghosts(low: Lowering, grads: dict[str, bool]) -> None:
+    """A constant-initialized parameter (an in-projection bias) added to a vector that is split
+    into heads of fixed size: its stand-in sits on the unsplit vector, which the backward pass
+    does not reach, so its NTK term (counted outside the NTK parametrization) would be lost."""
+    for prim, _, target, _ in low.ghosts:
+        name = low.param_of.get(prim)
+        if target in low.split_sources and grads.get(name, False):
+            raise UnsupportedOperation(
+                f"the NTK term of {name!r} (initialized to a constant, added to a projection split "
+                "into heads of fixed size) is not implemented outside parametrization='ntk'. Use "
+                "parametrization='ntk' or freeze it (requires_grad_(False))."
             )
 
 

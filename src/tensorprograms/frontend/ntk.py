@@ -329,5 +329,8 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                 limit.release(a_i, a_j)
                 if isinstance(d_i, Vector):
                     limit.release(d_i, d_j)
-        contributions[prim] = theta
+        # Σ over the primitive's rows: a matrix with out_ratio·n rows or a vector in R^{ratio·n}
+        # (heads of fixed size: rules_heads) has that many times the rows of one in R^n
+        rows = prim.out_ratio if isinstance(prim, Matrix) else getattr(prim, "ratio", 1.0)
+        contributions[prim] = theta if rows == 1.0 else rows * theta
     return contributions, limit

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..program.instructions import InitVector, LinComb, MatMul, Nonlin
-from ..program.variables import Matrix, Vector
+from ..program.variables import Vector
 from .lower import APPLY_HOOKS, FINALIZERS, Lowering, _tp_name, check_fan_in_scaling
 from .values import Data, Param, ParamT, Sca, Tuple_, Vec
 
@@ -403,18 +403,20 @@ def _merged_linear(low: Lowering, node, x: SplitVec, wt, bias):
         raise low.unsupported("a matrix product of heads with something other than a weight. " + HEADS_HELP)
     x = _commit(low, x)
     if x.axis != len(x.shape) - 1 or x.P != 1:
-        raise low.unsupported("a linear layer contracting the heads together with other indices. " + HEADS_HELP)
+        raise low.unsupported("a linear layer contracting the heads together with other indices. "
+                              + HEADS_HELP)
     W = wt.param
     P = low.program
     dims1, dims2 = low.c.dims[W.node].small, low.c.dims[W.node].large
     check_fan_in_scaling(W.name, low.init_variance(W), (dims1[1], dims2[1]))
     sigma2 = low.v(W) * x.heads  # entry variance × the block's fan-in
     rest = x.head_shape[:-1]
+    nf = len(x.var.shape)
     gs = []
     for q in range(x.Q):
         g = x.fidx[..., q].reshape(-1)
 
-        def take(u, _g=g, _r=rest, _n=len(x.var.shape)):
+        def take(u, _g=g, _r=rest, _n=nf):
             b = u.shape[: u.ndim - _n]
             return u.reshape(*b, -1)[..., _g].reshape(*b, *_r)
 
