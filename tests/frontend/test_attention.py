@@ -296,6 +296,12 @@ def test_infinite_heads_reference_matches_multihead_attention(x, causal):
     assert (np.abs(emp.mean.numpy() - ref) <= bound).all(), (emp.mean, ref, bound)
     K, K_se = tp.infinite_width(lambda w: _ManyHeads(w, causal), x).nngp(x, stderr=True, seeds=6)
     bound_limit = Z * np.sqrt(emp.stderr.numpy() ** 2 + K_se.numpy() ** 2)
+    for name, value, spread in (("reference", ref, ref_se), ("frontend", K.numpy(), K_se.numpy())):
+        z = np.abs(emp.mean.numpy() - value) / np.sqrt(emp.stderr.numpy() ** 2 + spread ** 2)
+        rel = np.linalg.norm(emp.mean.numpy() - value) / np.linalg.norm(value)
+        print(f"{name}: max |z| {z.max():.2f}, relative Frobenius {rel:.3f}, SE {spread.max():.2g}")
+    z_ref = np.abs(K.numpy() - ref) / np.sqrt(K_se.numpy() ** 2 + ref_se ** 2)
+    print(f"frontend vs reference: max |z| {z_ref.max():.2f}")
     assert (np.abs(emp.mean.numpy() - K.numpy()) <= bound_limit).all(), (emp.mean, K, bound_limit)
     w = np.tril(np.ones((T, T))) if causal else np.ones((T, T))
     w = (w / w.sum(1, keepdims=True)).mean(0)  # mean over queries of the uniform weights

@@ -142,6 +142,8 @@ def test_handwritten_heads_equal_reference_formula(x, causal):
     K, se = tp.infinite_width(lambda w: HandHeads(w, causal), x).nngp(x, stderr=True, seeds=6)
     ref, ref_se = _read_reference(*_reference(x, causal, 1.0, 1.0, 1.0), B, T, False)
     z = np.abs(K.numpy() - ref) / np.sqrt(se.numpy() ** 2 + ref_se ** 2)
+    rel = np.linalg.norm(K.numpy() - ref) / np.linalg.norm(ref)
+    print(f"max |z| {z.max():.2f}, relative Frobenius {rel:.4f}")
     assert z.max() < Z, (z.max(), K, ref)
 
 
@@ -183,6 +185,9 @@ def _check_against_networks(factory, x, width=1024, samples=64, seeds=4):
     K, se = tp.infinite_width(factory, x).nngp(x, stderr=True, seeds=seeds)
     emp = empirical_nngp(factory, width, x, samples=samples, seed=11)
     z = (emp.mean - K).abs() / (emp.stderr ** 2 + se ** 2).sqrt()
+    rel = float((emp.mean - K).norm() / K.norm())
+    print(f"max |z| {z.max():.2f}, relative Frobenius {rel:.3f}, SE limit {se.max():.2g}, "
+          f"SE networks {emp.stderr.max():.2g}")
     assert z.max() < Z, (z.max(), K, emp.mean)
     return K, emp
 
@@ -208,7 +213,36 @@ def test_deep_copies_differ_from_independent_layers(x):
     """The two stacks' limits differ (so the copies' test above can tell them apart)."""
     K_copies = tp.infinite_width(lambda w: Encoder(w, True, 2, True), x).nngp(x)
     K_indep = tp.infinite_width(lambda w: Encoder(w, True, 2, False), x).nngp(x)
+    print(f"max relative difference {((K_copies - K_indep).abs() / K_indep.abs().max()).max():.3f}")
     assert ((K_copies - K_indep).abs() / K_indep.abs().max()).max() > 0.1
+
+
+def _empirical_ntk(factory, x, width, samples):
+    """tp.empirical.ntk_mean without PyTorch's fused attention kernels (flash SDPA and the
+    encoder layer's fast path have no forward-mode AD)."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            return ntk_mean(factory, width, x, samples=samples, seed=5, parametrization="ntk")
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["attention-causal", "encoder-pre-norm"])
+def test_infinite_heads_ntk_matches_networks(x, name):
+    """NTK (NTK parametrization) vs tp.empirical.ntk_mean at width 512 (64 heads), 16 networks:
+    the backward pass through the random per-head logits and the split projections."""
+    factory = {"attention-causal": lambda w: ManyHeads(w, True),
+               "encoder-pre-norm": lambda w: Encoder(w, True, 1)}[name]
+    theta, se = tp.infinite_width(factory, x).ntk(x, stderr=True, seeds=4)
+    emp = _empirical_ntk(factory, x, 512, 16)
+    z = (emp.mean - theta).abs() / (emp.stderr ** 2 + se ** 2).sqrt()
+    rel = float((emp.mean - theta).norm() / theta.norm())
+    print(f"max |z| {z.max():.2f}, relative Frobenius {rel:.3f}, SE limit {se.max():.2g}, "
+          f"SE networks {emp.stderr.max():.2g}")
+    assert z.max() < Z, (z.max(), theta, emp.mean)
 
 
 # ---------------------------------------------------------------------- deep copies
