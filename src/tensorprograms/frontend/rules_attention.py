@@ -175,6 +175,12 @@ def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
         axis = low.width_axis(node)
         if axis is not None and low.shape(node)[axis] < x.shape[x.axis]:
             return _shape(low, node, args, kwargs)  # the width splits into heads
+        if axis is not None and low.shape(node)[axis] > x.shape[x.axis] and op != aten.expand.default:
+            # heads of fixed size merged with a batch of ≥ k rows ([T, B, n] → [T, B·n/k, k]);
+            # otherwise a flatten of the width with finite dims (the generic rule)
+            codes, N = _codes(x)
+            split = split_decode(low, node.target(codes, *args[1:], **kwargs), axis, N, x.var)
+            return NotImplemented if split is None else split
         return NotImplemented
     if not any(isinstance(a, HeadVec) for a in flat):
         if op in (aten.mul.Scalar, aten.div.Scalar) and isinstance(x, Vec) and not x.pending \

@@ -268,7 +268,7 @@ def _fold(u: torch.Tensor, x: SplitVec, rank: int) -> torch.Tensor:
     where the heads are: axis ``x.axis`` of size ``P·batch·Q``."""
     nb = u.ndim - rank
     U = u.reshape(-1, math.prod(u.shape[nb:]))
-    t = U[:, x.fidx]  # [B, *head_shape]
+    t = U.index_select(1, x.fidx.reshape(-1)).reshape(U.shape[0], *x.fidx.shape)  # [B, *head_shape]
     t = t.movedim(0, x.axis)  # [.., B, P·Q, ..]
     a = x.axis
     t = t.reshape(*t.shape[:a + 1], x.P, x.Q, *t.shape[a + 2:])
