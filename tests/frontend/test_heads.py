@@ -229,13 +229,26 @@ def _empirical_ntk(factory, x, width, samples):
         torch.backends.mha.set_fastpath_enabled(fast)
 
 
+class MergedReadout(HandHeads):
+    """Hand-written heads read out directly from the merged heads (no output projection)."""
+
+    def forward(self, x):
+        h = self.embed(x)
+        Bx, Tx, n = h.shape
+        q, k, v = (lin(h).view(Bx, Tx, n // HEAD, HEAD).transpose(1, 2) for lin in self.qkv[:3])
+        o = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(HEAD), -1) @ v
+        return self.out(o.transpose(1, 2).reshape(Bx, Tx, n).mean(1))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["attention-causal", "encoder-pre-norm"])
+@pytest.mark.parametrize("name", ["attention-causal", "encoder-pre-norm", "merged-readout"])
 def test_infinite_heads_ntk_matches_networks(x, name):
     """NTK (NTK parametrization) vs tp.empirical.ntk_mean at width 512 (64 heads), 16 networks:
-    the backward pass through the random per-head logits and the split projections."""
+    the backward pass through the random per-head logits and the split projections (and the
+    readout's cotangent seed on merged heads)."""
     factory = {"attention-causal": lambda w: ManyHeads(w, True),
-               "encoder-pre-norm": lambda w: Encoder(w, True, 1)}[name]
+               "encoder-pre-norm": lambda w: Encoder(w, True, 1),
+               "merged-readout": MergedReadout}[name]
     theta, se = tp.infinite_width(factory, x).ntk(x, stderr=True, seeds=4)
     emp = _empirical_ntk(factory, x, 512, 16)
     z = (emp.mean - theta).abs() / (emp.stderr ** 2 + se ** 2).sqrt()

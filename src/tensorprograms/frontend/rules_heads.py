@@ -148,12 +148,15 @@ def split_decode(low: Lowering, codes: torch.Tensor, axis: int | None, N: int, v
             cc = c.reshape(*c.shape[:-1], P, M, Q)
             ff = f.reshape(*f.shape[:-1], P, M, Q)
             k = int(cc[..., 1:2, :].reshape(-1)[0] - cc[..., 0:1, :].reshape(-1)[0])
-            if k < 1 or N % (M * k):
+            if k < 2 or N % (M * k):  # k = 1 is a flatten of the width with finite dims (_merge)
                 continue
             c0 = cc[..., :1, :]
             if not ((cc == c0 + k * torch.arange(M)[:, None]).all() and (ff == ff[..., :1, :]).all()):
                 continue
-            if not ((c0 // k) % M == 0).all():
+            alpha0 = c0 % k
+            if not ((c0 // k) % M == 0).all() or not (alpha0 == alpha0[..., :1, :, :1]).all():
+                # the coordinate within a head must sit on another axis than the heads
+                # (otherwise this is a flatten of the width with finite dims: lower._merge)
                 continue
             blocks = N // (M * k)
             # k must be the same at the large width (heads ∝ width, fixed head size)
