@@ -208,6 +208,27 @@ def test_causal_transformer_encoder_nngp_matches_networks(x):
     _check_against_networks(lambda w: Encoder(w, True, 2, causal=True), x)
 
 
+class KeyPadding(ManyHeads):
+    """nn.MultiheadAttention with a key padding mask read off the inputs (zero vectors)."""
+
+    def forward(self, x):
+        padding = x.abs().sum(-1) == 0
+        h = self.embed(x)
+        return self.out(self.attn(h, h, h, need_weights=False, key_padding_mask=padding)[0].mean(1))
+
+
+@pytest.mark.slow
+def test_key_padding_mask_with_many_heads_matches_networks(x):
+    """Padding masks merge with the heads ([B·H, 1, T] in PyTorch's decomposition) and are the
+    same for every head; the unmasked model's limit is rejected by the same networks."""
+    x = x.clone()
+    x[0, -1] = 0.0
+    x[1, -2:] = 0.0
+    _, emp = _check_against_networks(KeyPadding, x)
+    unmasked = tp.infinite_width(lambda w: ManyHeads(w), x).nngp(x)
+    assert ((emp.mean - unmasked).abs() / emp.stderr).max() > Z
+
+
 @pytest.mark.slow
 def test_deep_copies_differ_from_independent_layers(x):
     """The two stacks' limits differ (so the copies' test above can tell them apart)."""
