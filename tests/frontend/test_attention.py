@@ -254,26 +254,7 @@ def test_multihead_attention_module_is_rejected(x):
             h = self.embed(x)
             return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))  # mha-line
 
-    _error(lambda w: MHA(w), x, "1/√d", "mha-line", "nn.MultiheadAttention")
-
-
-def test_multihead_attention_with_heads_growing_with_width_is_rejected(x):
-    """num_heads ∝ width (head dim 8): the error names the construction and the fix."""
-
-    class ManyHeads(nn.Module):
-        def __init__(self, width):
-            super().__init__()
-            self.embed = nn.Linear(D_IN, width)
-            self.attn = nn.MultiheadAttention(width, width // 8, batch_first=True)
-            self.out = nn.Linear(width, 1)
-            tp.init.normal_(self, 1.0, 0.1)
-
-        def forward(self, x):
-            h = self.embed(x)
-            return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))  # heads-line
-
-    _error(lambda w: ManyHeads(w), x, "grows with width", "heads of fixed size 8", "Infinite attention",
-           "scale=1/head_dim", "heads-line")
+    _error(lambda w: MHA(w), x, "1/√d", "mha-line", "nn.MultiheadAttention", "num_heads = width // head_dim")
 
 
 class _ManyHeads(nn.Module):
@@ -297,10 +278,11 @@ class _ManyHeads(nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_infinite_heads_reference_matches_multihead_attention(x, causal):
-    """The infinite-heads limit that the frontend does not compute yet (docs/attention.md):
-    the Monte Carlo formula of ``reference.infinite_heads_attention`` vs the NNGP of the actual
-    ``nn.MultiheadAttention(1024, 128)`` module (64 networks), within Z combined standard
-    errors; the deterministic-logit answer (uniform attention) is rejected by the same test."""
+    """The infinite-heads limit (docs/attention.md): the Monte Carlo formula of
+    ``reference.infinite_heads_attention`` and the frontend's limit of the module each vs the
+    NNGP of the actual ``nn.MultiheadAttention(1024, 128)`` (64 networks), within Z combined
+    standard errors; the deterministic-logit answer (uniform attention) is rejected by the
+    same test."""
     x = 2.0 * x  # sharper random attention, so uniform attention is far from the answer
     Xf = x.reshape(B * T, D_IN).numpy()
     Kh = Xf @ Xf.T / D_IN
@@ -312,6 +294,15 @@ def test_infinite_heads_reference_matches_multihead_attention(x, causal):
     emp = empirical_nngp(lambda w: _ManyHeads(w, causal), WIDTH, x, samples=64)
     bound = Z * np.sqrt(emp.stderr.numpy() ** 2 + ref_se ** 2)
     assert (np.abs(emp.mean.numpy() - ref) <= bound).all(), (emp.mean, ref, bound)
+    K, K_se = tp.infinite_width(lambda w: _ManyHeads(w, causal), x).nngp(x, stderr=True, seeds=6)
+    bound_limit = Z * np.sqrt(emp.stderr.numpy() ** 2 + K_se.numpy() ** 2)
+    for name, value, spread in (("reference", ref, ref_se), ("frontend", K.numpy(), K_se.numpy())):
+        z = np.abs(emp.mean.numpy() - value) / np.sqrt(emp.stderr.numpy() ** 2 + spread ** 2)
+        rel = np.linalg.norm(emp.mean.numpy() - value) / np.linalg.norm(value)
+        print(f"{name}: max |z| {z.max():.2f}, relative Frobenius {rel:.3f}, SE {spread.max():.2g}")
+    z_ref = np.abs(K.numpy() - ref) / np.sqrt(K_se.numpy() ** 2 + ref_se ** 2)
+    print(f"frontend vs reference: max |z| {z_ref.max():.2f}")
+    assert (np.abs(emp.mean.numpy() - K.numpy()) <= bound_limit).all(), (emp.mean, K, bound_limit)
     w = np.tril(np.ones((T, T))) if causal else np.ones((T, T))
     w = (w / w.sum(1, keepdims=True)).mean(0)  # mean over queries of the uniform weights
     uniform = np.einsum("a,xayb,b->xy", w, 0.5 * Kh.reshape(B, T, B, T), w) / 3.0

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UnsupportedOperation
 from ..kernels import NotApplicable, kernels_by_recursion
 from ..master import master_theorem, over_seeds
 from ..parametrization.abc import ABCParametrization
@@ -212,6 +213,9 @@ class InfiniteWidthLimit:
                 "the model has no trainable parameters (every requires_grad is False): its NTK "
                 "is zero. Unfreeze the parameters you train."
             )
+        _check_no_trained_ties(low, grads)
+        if self.parametrization != "ntk":
+            _check_no_split_ghosts(low, grads)
         fast = self._by_recursion(program, out.var, batch, n1 if x2 is not None else None, grads)
         if fast is not None:
             return fast
@@ -354,6 +358,36 @@ class InfiniteWidthLimit:
                 return fast[0]
         K = _per_example(engine(program).second_moment(out.var), batch)
         return K if x2 is None else K[:n1, n1:]
+
+
+def _check_no_trained_ties(low: Lowering, grads: dict[str, bool]) -> None:
+    """Deep copies equal at initialization share one matrix in the program (frontend/tied.py):
+    right for the forward pass, but trained separately their NTK has no cross terms between
+    the copies, which a shared matrix would add."""
+    for copy, original in low.tied.items():
+        if grads.get(copy, False) or grads.get(original, False):
+            raise UnsupportedOperation(
+                f"parameters {original!r} and {copy!r} are equal at initialization (deep copies, as "
+                "nn.TransformerEncoder and nn.TransformerDecoder make of their layer). The NNGP "
+                "treats them as one shared weight, which is what they are at initialization, but the "
+                "NTK of separately trained copies is not implemented. Build the layers separately "
+                "(e.g. nn.Sequential(*[nn.TransformerEncoderLayer(...) for _ in range(L)])) or "
+                "re-initialize the copies (tp.init / nn.init) so that they are independent."
+            )
+
+
+def _check_no_split_ghosts(low: Lowering, grads: dict[str, bool]) -> None:
+    """A constant-initialized parameter (an in-projection bias) added to a vector that is split
+    into heads of fixed size: its stand-in sits on the unsplit vector, which the backward pass
+    does not reach, so its NTK term (counted outside the NTK parametrization) would be lost."""
+    for prim, _, target, _ in low.ghosts:
+        name = low.param_of.get(prim)
+        if target in low.split_sources and grads.get(name, False):
+            raise UnsupportedOperation(
+                f"the NTK term of {name!r} (initialized to a constant, added to a projection split "
+                "into heads of fixed size) is not implemented outside parametrization='ntk'. Use "
+                "parametrization='ntk' or freeze it (requires_grad_(False))."
+            )
 
 
 def _rebuild(factory, example_inputs, parametrization, widths, variances, hyper, extra) -> InfiniteWidthLimit:

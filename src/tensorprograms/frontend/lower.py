@@ -22,6 +22,7 @@ from ..program import functions as F
 from ..program.program import Program
 from ..program.variables import Scalar
 from .capture import Captured, source_line
+from .tied import tied_parameters
 from .values import Concat, Data, Merged, NodeView, Param, ParamT, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
@@ -32,6 +33,9 @@ RULES: dict[Any, Rule] = {}
 # to pass).
 CHECKS: list[Callable[[Lowering], None]] = []
 APPLY_HOOKS: list[Callable[[Lowering, fx.Node, list, dict], Any]] = []
+# checks of the lowered program, given the model's output value (rules_heads: a vector split
+# into heads must not also be used unsplit)
+FINALIZERS: list[Callable[[Lowering, Any], None]] = []
 # ops whose rules accept a width concatenation (``Concat``); others raise a clear error
 CONCAT_OPS: set[Any] = {aten.addmm.default, aten.mm.default}
 # ops whose rules read width-sized buffers themselves (batch norm's running statistics);
@@ -86,6 +90,11 @@ class Lowering:
         # unit-variance stand-ins let the NTK count their gradients (see ntk.ntk_of)
         self.ghosts: list[tuple[Any, Any, Any]] = []
         self._ghost_prims: dict[str, Any] = {}
+        # width split into heads of fixed size (rules_heads): memoized pieces, and the vectors
+        # and matrices rewritten as independent pieces (they must not be used unsplit)
+        self.splits: dict[Any, Any] = {}
+        self.split_sources: set[Any] = set()
+        self.tied = tied_parameters(captured.modules)
 
     def new_matrix(self, param: str, name: str, variance: float):
         m = self.program.matrix(name, variance=variance)
@@ -151,9 +160,10 @@ class Lowering:
             if node.op == "placeholder":
                 if node.name in self.c.param_of:
                     dims = self.c.dims[node.name]
-                    self.env[node.name] = Param(
-                        self.c.param_of[node.name], node.name, dims.small, dims.width_axes
-                    )
+                    name = self.c.param_of[node.name]
+                    # a deep copy equal to another parameter at initialization is that parameter
+                    self.env[node.name] = Param(self.tied.get(name, name), node.name, dims.small,
+                                                dims.width_axes)
                     self.params[self.c.param_of[node.name]] = self.env[node.name]
                 else:
                     self.env[node.name] = Data(next(user))
@@ -167,6 +177,8 @@ class Lowering:
                 kinds = [spec.kind.name for spec in self.c.program.graph_signature.output_specs]
                 first = kinds.index("USER_OUTPUT") if "USER_OUTPUT" in kinds else 0
                 out = outs[first] if isinstance(outs, (list, tuple)) else outs
+                for finalize in FINALIZERS:
+                    finalize(self, out)
             elif node.op == "get_attr":
                 raise self.unsupported("graph attributes (get_attr) are not supported")
         return out

@@ -229,7 +229,8 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
             uses[W].append((out, d, out))
             if isinstance(d, torch.Tensor):  # readout: √n·(row of W) is a fresh initial vector
                 if W not in seeds:
-                    seeds[W] = Q.vector(f"d{W.name}", variance=W.variance)
+                    # √n·(row of W): in R^{in_ratio·n}, entry variance σ²/(in_ratio·n) times n
+                    seeds[W] = Q.vector(f"d{W.name}", variance=W.variance / W.in_ratio, ratio=W.in_ratio)
                 dx = Q.linear(lambda t, _c=d: t.reshape(*t.shape, *[1] * _c.ndim) * _c,
                               seeds[W], label=f"readout cotangent {W.name}")
             else:
@@ -329,5 +330,8 @@ def ntk_of(program: Program, output: Vector, batch: int, master_theorem, trainab
                 limit.release(a_i, a_j)
                 if isinstance(d_i, Vector):
                     limit.release(d_i, d_j)
-        contributions[prim] = theta
+        # Σ over the primitive's rows: a matrix with out_ratio·n rows or a vector in R^{ratio·n}
+        # (heads of fixed size: rules_heads) has that many times the rows of one in R^n
+        rows = prim.out_ratio if isinstance(prim, Matrix) else getattr(prim, "ratio", 1.0)
+        contributions[prim] = theta if rows == 1.0 else rows * theta
     return contributions, limit

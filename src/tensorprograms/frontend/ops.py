@@ -36,6 +36,10 @@ def supported_ops_markdown() -> str:
         "| every op tagged `torch.Tag.pointwise` | fused into one Nonlin per chain "
         "(`relu`, `erf`, `sin`, `cos`, `exp`, `abs`, `leaky_relu` of a G-var get closed forms; "
         "`add`/`sub`/`mul`/`div`/`neg` of G-vars by constants stay G-vars) |",
+        "| on heads of fixed size (`view` of the width into `(n/k, k)`, k fixed) | shape ops, "
+        "pointwise ops, `bmm`, `_softmax`, `any.dim`, `amax`, `sum`, `full_like` act on every head "
+        "alike: one Nonlin per head (`frontend/rules_heads.py`); `mm`/`addmm` on merged heads: one "
+        "column block per head coordinate |",
         "",
         "Anything else raises `tp.UnsupportedOperation` naming the ATen op and the source line "
         "of your model that produced it.",

@@ -34,6 +34,7 @@ from ..program import functions as F
 from ..program.variables import Vector
 from .capture import source_line
 from .lower import APPLY_HOOKS, BUFFER_CONSUMERS, CHECKS, Lowering, _gather_vec, _scalar_expr, rule
+from .rules_heads import split_decode
 from .values import Concat, Data, Merged, Param, ParamT, ParamTB, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
@@ -90,7 +91,10 @@ def _decode(low: Lowering, codes: torch.Tensor, axis: int, N: int, var: Vector, 
     base = c[..., :1]
     if not ((f == f[..., :1]).all() and (c == base + torch.arange(m)).all() and N % m == 0
             and (base % m == 0).all()):
-        raise low.unsupported("a shape operation that mixes the width dimension with finite ones")
+        split = split_decode(low, codes, axis, N, var)  # heads of fixed size (num_heads ∝ width)
+        if split is None:
+            raise low.unsupported("a shape operation that mixes the width dimension with finite ones")
+        return split
     f0, out_shape = f[..., 0], tuple(codes.shape)
     if m < N:
         return HeadVec(var, out_shape, axis, N // m, f0, (base[..., 0] // m))
@@ -171,6 +175,12 @@ def _hook(low: Lowering, node: fx.Node, args: list, kwargs: dict):
         axis = low.width_axis(node)
         if axis is not None and low.shape(node)[axis] < x.shape[x.axis]:
             return _shape(low, node, args, kwargs)  # the width splits into heads
+        if axis is not None and low.shape(node)[axis] > x.shape[x.axis] and op != aten.expand.default:
+            # heads of fixed size merged with a batch of ≥ k rows ([T, B, n] → [T, B·n/k, k]);
+            # otherwise a flatten of the width with finite dims (the generic rule)
+            codes, N = _codes(x)
+            split = split_decode(low, node.target(codes, *args[1:], **kwargs), axis, N, x.var)
+            return NotImplemented if split is None else split
         return NotImplemented
     if not any(isinstance(a, HeadVec) for a in flat):
         if op in (aten.mul.Scalar, aten.div.Scalar) and isinstance(x, Vec) and not x.pending \
@@ -373,41 +383,10 @@ def _attention_error(where: str, contraction: fx.Node) -> UnsupportedOperation:
         "F.scaled_dot_product_attention(q, k, v, scale=1/head_dim) or "
         "`q @ k.transpose(-2, -1) / head_dim`. nn.MultiheadAttention and "
         "nn.TransformerEncoderLayer hard-code 1/√d, so they have no limit with a fixed number of "
-        "heads, and with num_heads ∝ width the infinite-heads limit is not implemented; write the "
-        "attention with 1/d scaling instead (tensorprograms.attention_models.SelfAttention, "
-        "docs/attention.md)."
+        "heads; with heads of fixed size (num_heads = width // head_dim) they have the "
+        "infinite-heads limit (Hron et al. 2020), which is computed: build them with "
+        "nn.MultiheadAttention(width, width // 8) (docs/attention.md)."
     )
-
-
-def check_head_count(low: Lowering) -> None:
-    """Reject a split of the width into heads whose *number* grows with width (fixed head
-    size, as ``nn.MultiheadAttention(width, width // k)``): a reshape whose input's last axis
-    is the width and whose output's last axis is finite while another output axis grows."""
-    c = low.c
-    for node in c.nodes:
-        if node.op != "call_function" or node.target not in (
-                aten.view.default, aten._unsafe_view.default, aten.reshape.default):
-            continue
-        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        d_in, d_out = c.dims.get(src.name) if src is not None else None, c.dims.get(node.name)
-        if d_in is None or d_out is None or not d_out.width_axes:
-            continue
-        last_in, last_out = len(d_in.small) - 1, len(d_out.small) - 1
-        head = d_out.small[-1]
-        if last_in in d_in.width_axes and last_out not in d_out.width_axes and head > 1:
-            raise UnsupportedOperation(
-                f"{node.target} at {source_line(node)}: the width is split into heads of fixed size "
-                f"{head}, so the number of heads grows with width. Each such head's logits "
-                f"q·k/√{head} are sums of {head} terms: random and non-Gaussian at every width, "
-                "different from head to head. Averaged over infinitely many heads by the output "
-                "projection they give a Gaussian-process limit (Hron et al. 2020, 'Infinite "
-                "attention') whose kernel is an expectation over the random logits; that limit is "
-                "not implemented. Limits computed here have deterministic attention: a fixed number "
-                "of heads whose size grows with width, with logits scaled by 1/head_dim: "
-                "F.scaled_dot_product_attention(q, k, v, scale=1/head_dim) or "
-                "softmax(q @ k.transpose(-2, -1) / head_dim) @ v (see "
-                "tensorprograms.attention_models.SelfAttention and docs/attention.md)."
-            )
 
 
 def check_no_randomness(low: Lowering) -> None:
@@ -425,6 +404,5 @@ def check_no_randomness(low: Lowering) -> None:
 
 
 CHECKS.append(check_no_randomness)
-CHECKS.append(check_head_count)
 CHECKS.append(check_width_powers)
 APPLY_HOOKS.append(_hook)
