@@ -239,17 +239,14 @@ class InfiniteWidthLimit:
 
     def _by_recursion(self, program: Program, output, batch: int, n1: int | None,
                       grads: dict[str, bool] | None):
-        """The kernels by the batched recursion over example pairs (kernels/recursion.py) when
-        the program has positions (convolutions) and is within its scope, else None (the
-        engine's path). ``grads`` None: the NNGP alone."""
+        """The kernels by the batched recursion over example pairs (kernels/recursion.py; dense
+        tiles for programs without positions, kernels/dense.py) when the program is within
+        its scope, else None (the engine's path). ``grads`` None: the NNGP alone."""
         low = self._lowering
         if self.parametrization not in ("ntk", "standard"):
             return None
         if torch.is_grad_enabled() and any(h.requires_grad for h in self.hyperparameters.values()):
             return None  # differentiable kernels go through the engine
-        if not any(len(v.shape) > 1 and v.shape[0] == batch and math.prod(v.shape[1:]) > 1
-                   for v in program.vectors):
-            return None  # no positions: the engine's MLP path
         weight = None
         if grads is not None:
             def weight(prim):
