@@ -47,7 +47,8 @@ def spy():
                                             (2, torch.sin, True), (2, torch.abs, True),
                                             (4, torch.relu, True)])
 def test_mlps_equal_the_engine(spy, depth, act, bias):
-    x, x2 = _x(12), _x(7, seed=1)
+    x = _x(12)
+    x2 = torch.cat([_x(4, seed=1), x[2:5]])  # with copies of x's examples (ρ = 1 across x1, x2)
     limit = tp.infinite_width(lambda w: MLP(w, act, depth=depth, bias=bias), x[:2])
     K, T = limit.kernels(x)
     assert spy and spy[-1] == (12, None)

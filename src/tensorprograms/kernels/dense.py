@@ -29,24 +29,39 @@ from ..master import closed_form
 from . import fused
 
 
+class _Cov:
+    """Σ of initial vectors as it is applied to rows ``X_A`` of a block: a scalar (iid
+    vectors of one variance, the usual input layer: folded into the product), a diagonal
+    (a column scaling) or a matrix; worked out once per call, not per block."""
+
+    def __init__(self, cov: torch.Tensor):
+        d = cov.diagonal()
+        diagonal = torch.equal(cov, torch.diag(d))
+        self.scalar = float(d[0]) if diagonal and bool((d == d[0]).all()) else None
+        self.diag = d if diagonal and self.scalar is None else None
+        self.full = cov if not diagonal else None
+
+    def gram(self, xa: torch.Tensor, xb: torch.Tensor | None) -> torch.Tensor:
+        """``X_A Σ X_Bᵀ`` (``xb`` None: the diagonal of ``X_A Σ X_Aᵀ``)."""
+        if self.scalar is not None and xb is not None:
+            return torch.addmm(_ZERO, xa, xb.T, beta=0, alpha=self.scalar)
+        y = xa * self.scalar if self.scalar is not None else xa * self.diag if self.diag is not None \
+            else xa @ self.full
+        return (y * xa).sum(-1) if xb is None else y @ xb.T
+
+
+_ZERO = torch.zeros((), dtype=torch.float64)
+
+
 @dataclass
 class _Gram:
     """A G-var's initial-vector atoms as rows ``X [N, F]``: ``K = X_A Σ X_Bᵀ``; Θ's is the
     same times ``ntk_scale``, or ``X_A Σ_ntk X_Bᵀ``."""
 
     x: torch.Tensor
-    cov: torch.Tensor
+    cov: _Cov
     ntk_scale: float | None
-    cov_ntk: torch.Tensor | None
-
-
-def _times(x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """``X Σ`` (a column scaling when Σ is diagonal, as it is for iid initial vectors: rows
-    of a block at a time, so no full-size copy of X)."""
-    d = cov.diagonal()
-    if torch.equal(cov, torch.diag(d)):
-        return x * d
-    return x @ cov
+    cov_ntk: _Cov | None
 
 
 class Plan:
@@ -77,7 +92,7 @@ class Plan:
                     if kinds == 2 and d.cov_ntk is not None:
                         scale = _ratio(d.cov_ntk, d.cov)
                         cov_ntk = d.cov_ntk if scale is None else None
-                    self.grams[v] = _Gram(x, d.cov, scale, cov_ntk)
+                    self.grams[v] = _Gram(x, _Cov(d.cov), scale, None if cov_ntk is None else _Cov(cov_ntk))
             elif isinstance(step, _Lin):
                 self.scale[v] = _scalar(step.op) ** 2
         # a ReLU whose only reader is the next step, a MatMul (and bias): one fused pass
@@ -118,12 +133,9 @@ class _Block:
         a = self.rows.stop - self.rows.start
         return (a,) if self.cols is None else (a, self.cols.stop - self.cols.start)
 
-    def gram(self, x: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    def gram(self, x: torch.Tensor, cov: _Cov) -> torch.Tensor:
         """``X_rows Σ X_colsᵀ`` (or its diagonal)."""
-        y = _times(x[self.rows], cov)
-        if self.cols is None:
-            return (y * x[self.rows]).sum(-1)
-        return y @ x[self.cols].T
+        return cov.gram(x[self.rows], None if self.cols is None else x[self.cols])
 
     def variances(self, c: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.own:

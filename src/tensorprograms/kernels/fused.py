@@ -32,6 +32,10 @@ _compiled = None
 _failed = False
 _eager_work = 0  # entry-passes run eagerly in this process (the ski-rental count)
 _lock = threading.Lock()
+# |ρ| this close to 1 (4 ulps) is taken as ±1: an example paired with a copy of itself across
+# x1 and x2, whose Gram entry and variances come from different products (equal to a few
+# ulps), would otherwise get θ ≈ 2e-8 (arccos amplifies rounding near ±1: 1e-9 errors)
+SNAP = 1.0 - 4 * torch.finfo(torch.float64).eps
 
 
 def _eager(v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -43,6 +47,7 @@ def _eager(v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor, theta: torch.Ten
     a, b = v1.numpy(), v2.numpy()
     den = np.sqrt(np.multiply(a, b, out=o[0]), out=o[0])  # √(v1 v2): ρ = 1 exactly where u = v
     rho = np.clip(np.divide(c.numpy(), den), -1.0, 1.0)
+    np.copysign(1.0, rho, out=rho, where=np.abs(rho) >= SNAP)
     dk = np.arccos(rho)
     dk *= -1 / (2 * math.pi)
     dk += 0.5  # (π − θ)/2π
@@ -62,6 +67,7 @@ def _eager(v1: torch.Tensor, v2: torch.Tensor, c: torch.Tensor, theta: torch.Ten
 def _pure(v1, v2, c, theta, coef=None):
     den = torch.sqrt(v1 * v2)
     rho = torch.clamp(c / den, -1.0, 1.0)
+    rho = torch.where(rho.abs() >= SNAP, torch.sign(rho), rho)
     dk = 0.5 - torch.arccos(rho) * (1 / (2 * math.pi))
     k = den * (torch.sqrt(1 / (4 * math.pi**2) - rho * rho * (1 / (4 * math.pi**2))) + dk * rho)
     if theta is None:
