@@ -164,3 +164,40 @@ def test_nonlinearities_without_closed_forms_fall_back(spy, act):
         kernels_by_recursion(program, out.var, 5, lambda p: 1.0)
     K, T = limit.kernels(x)  # the engine's path
     assert not spy and torch.isfinite(K).all() and torch.isfinite(T).all()
+
+
+def test_compile_rule_is_ski_rental(monkeypatch):
+    """"auto" compiles a job of ≥ COMPILE_MIN_ENTRIES entry-passes at once, smaller jobs once
+    the process has run that much eagerly; True and False force it."""
+    from tensorprograms.kernels import fused
+
+    monkeypatch.setattr(fused, "_compiled", None)
+    monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setattr(fused, "_eager_work", 0)
+    monkeypatch.setattr(fused, "COMPILE_MIN_ENTRIES", 100)
+    assert fused.use_compiled(100)
+    assert [fused.use_compiled(40) for _ in range(4)] == [False, False, False, True]
+    monkeypatch.setattr(fused, "COMPILE", False)
+    assert not fused.use_compiled(10**9)
+    monkeypatch.setattr(fused, "COMPILE", True)
+    assert fused.use_compiled(1)
+    monkeypatch.setattr(fused, "_failed", True)  # no compiler: eager whatever the setting
+    assert not fused.use_compiled(10**9)
+
+
+@pytest.mark.slow
+def test_compiled_passes_equal_the_engine(spy, monkeypatch):
+    """The torch.compile'd ReLU + MatMul pass (tens of seconds of compilation once)."""
+    from tensorprograms.kernels import fused
+
+    monkeypatch.setattr(fused, "COMPILE", True)
+    x = _x(12)
+    limit = tp.infinite_width(lambda w: MLP(w, torch.relu, depth=3), x[:2])
+    K, T = limit.kernels(x)
+    assert not fused.failed() and spy
+    K0, T0 = _engine(limit, x)
+    _close(K, K0)
+    _close(T, T0)
+    K12, T12 = limit.kernels(x[:7], x[7:])
+    _close(K12, K0[:7, 7:])
+    _close(T12, T0[:7, 7:])

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..kernels import NotApplicable, kernels_by_recursion
@@ -31,8 +32,18 @@ def _as_tuple(inputs) -> tuple[torch.Tensor, ...]:
 
 def _check_finite(xs: Sequence[torch.Tensor], what: str) -> None:
     for i, x in enumerate(xs):
-        if not torch.isfinite(x).all():
+        if not _finite(x):
             raise ValueError(f"{what}[{i}] contains NaN or Inf; clean the inputs first.")
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether every entry is finite. CPU float32/64 by numpy: one pass that allocates
+    nothing large, where torch's isfinite + all took 100+ ms for 4000 × 784 inputs on the
+    loaded 2-core machine (its 2-thread reduction waits for a descheduled thread)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        a = x.detach().numpy()
+        return bool(np.isfinite(a.min(initial=0.0)) and np.isfinite(a.max(initial=0.0)))
+    return bool(torch.isfinite(x).all())
 
 
 DEFAULT_SEEDS = 8  # Monte Carlo seeds of the engine behind ``stderr=True``

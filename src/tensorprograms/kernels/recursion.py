@@ -19,6 +19,8 @@ parameters of ``E[dh dh']·Cov``, here accumulated forward instead of by a backw
 but each update is a few batched tensor operations over ``[pairs, P, P]``, and memory is
 bounded by evaluating a block of example pairs at a time: a pass over the same-example
 pairs first (the variances every closed form needs), then the off-diagonal blocks.
+Programs without positions (P = 1: MLPs) run the same plan on dense tiles of example pairs
+instead (dense.py).
 """
 
 from __future__ import annotations
