@@ -14,8 +14,11 @@ The "emp" case is one finite MLP's empirical NTK (depth 3, width 512, the same w
 both; neural-tangents' structured-derivatives implementation).
 
 Options: ``--cases mlp3,mlp10,cnn8,emp`` (default: the issue's cases but the 16×16 CNN),
-``--threads 1`` (both libraries on one thread each: torch's OpenMP and XLA's Eigen pool; on a
-loaded shared machine a 2-thread pool spends its time waiting for a descheduled thread),
+``--compile auto|on|off`` (our torch.compile'd ReLU passes: the library's rule, which
+compiles once a process's work pays for it; always, compiling in the warm-up call as jit does
+for neural-tangents; never), ``--threads 1`` (both libraries on one thread each: torch's
+OpenMP and XLA's Eigen pool; on a loaded shared machine a 2-thread pool spends its time
+waiting for a descheduled thread),
 ``--n 4000`` (override N of the MLP cases), ``--repeats 3``, ``--scaling 1000,2000,4000,8000``
 (our MLP time vs N only).
 """
@@ -91,7 +94,9 @@ def worker_ours(case: dict, x_path: str, out: str, repeats: int) -> dict:
     import torch
 
     import tensorprograms as tp
+    from tensorprograms.kernels import fused
 
+    fused.COMPILE = {"auto": "auto", "on": True, "off": False}[case.get("compile", "auto")]
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from nt_models import CNN, MLP
 
@@ -309,6 +314,8 @@ def main() -> None:
     ap.add_argument("--scaling", default="", help="comma-separated N for our depth-3 MLP alone")
     ap.add_argument("--no-nt", action="store_true", help="skip neural-tangents (our times only)")
     ap.add_argument("--threads", type=int, default=None, help="threads of both libraries (default: theirs)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="our torch.compile'd ReLU passes: the library's rule (auto), always, never")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--x", help=argparse.SUPPRESS)
@@ -323,13 +330,13 @@ def main() -> None:
     nt = None if args.no_nt else nt_python()
     threads = "default threads" if THREADS is None else f"{THREADS} thread(s) each"
     print(f"load average {os.getloadavg()}, {os.cpu_count()} cores, {threads}; "
-          f"median of {args.repeats} after warm-up")
+          f"median of {args.repeats} after warm-up; our compile: {args.compile}")
     head = (f"{'case':<12} {'N':>5} {'ours s':>8} {'nt s':>8} {'ours/nt':>8} {'roofline s':>10} "
             f"{'ours/roof':>9} {'ours MB':>8} {'nt MB':>8} {'rel. err all/off':>17} {'ours 1st':>9}")
     print(head)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.cases.split(","):
-            case = dict(CASES[name])
+            case = dict(CASES[name], compile=args.compile)
             if args.n and case["arch"] == "mlp":
                 case["n"] = args.n
             print(run_case(name, case, tmp, nt, args.repeats), flush=True)

@@ -53,6 +53,28 @@ def test_tiles_match_the_whole_batch(limit):
     np.testing.assert_allclose(only["nngp"], K.numpy(), **tol)
 
 
+def test_cross_tiles_evaluate_only_their_block(limit, monkeypatch):
+    """An MLP's tiles go through the dense recursion (kernels/dense.py): a tile of rows I and
+    columns J evaluates the |I| × |J| pairs (plus vectors of same-example pairs for the
+    variances), not the kernel of the stacked 2·block_size inputs."""
+    from tensorprograms.kernels import dense
+
+    seen = []
+    real = dense.evaluate
+
+    def spy(dp, block, variances, compiled=False):
+        seen.append(block.shape())
+        return real(dp, block, variances, compiled)
+
+    monkeypatch.setattr(dense, "evaluate", spy)
+    x = points(10)
+    tp.kernel_matrix(limit, x, block_size=4, progress=False)
+    pairs = [s for s in seen if len(s) == 2]
+    # 6 tiles on and above the diagonal: 3 diagonal (4², 4², 2²), 3 cross (4·4, 4·2, 4·2);
+    # the stacked inputs' kernels would be 8², 6², 6² for the cross tiles
+    assert sorted(pairs) == sorted([(4, 4), (4, 4), (2, 2), (4, 4), (4, 2), (4, 2)])
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})

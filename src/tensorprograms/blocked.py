@@ -266,8 +266,11 @@ def kernel_matrix(
         x1, x2: inputs (a tensor or tuple of tensors, batch on dim 0); ``x2=None`` means
             ``x2 = x1``, and then only tiles on and above the diagonal are computed.
         kinds: which kernels, a subset of ``("nngp", "ntk")``.
-        block_size: tile side; working memory grows like its square (the engine computes a
-            tile as the kernel of the ``2·block_size`` inputs of its rows and columns).
+        block_size: tile side; working memory grows like its square. Programs within the
+            batched recursion (MLPs and CNNs with closed-form activations, see
+            docs/frontend.md) compute an off-diagonal tile as its ``b × b`` cross block alone;
+            the engine computes it as the kernel of the ``2·block_size`` inputs of its rows
+            and columns.
         out: a directory: ``<kind>.npy`` (one float64 ``.npy`` per kernel, written through
             a memory map) and ``state.json`` (the computation's fingerprint and the finished
             tiles). Calling again with the same arguments resumes; a directory holding a

@@ -85,11 +85,13 @@ def test_owner_cache_probes_once_per_structure(monkeypatch):
 
     monkeypatch.setattr("tensorprograms.frontend.ntk.batch_owners", counting)
     x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    limit = tp.infinite_width(lambda n: MLP(n, torch.relu), x)
+    # tanh: no closed form, so the NTK takes the engine's backward program (a ReLU MLP's takes
+    # the dense recursion, which needs no batch owners)
+    limit = tp.infinite_width(lambda n: MLP(n, torch.tanh), x)
     first = limit.kernels(x)
     second = limit.kernels(x * 1.5)  # new data, same structure: cached owners
     third = limit.kernels(x[:3])  # another batch size: probed again
     assert len(calls) == 2
-    fresh = tp.infinite_width(lambda n: MLP(n, torch.relu), x).kernels(x * 1.5)
+    fresh = tp.infinite_width(lambda n: MLP(n, torch.tanh), x).kernels(x * 1.5)
     assert all(torch.equal(a, b) for a, b in zip(second, fresh))
     assert first[1].shape == (5, 5) and third[1].shape == (3, 3)

@@ -19,6 +19,7 @@ from torch import fx
 from ..errors import UnsupportedOperation, WidthError
 from ..master import closed_form
 from ..program import functions as F
+from ..program.calling import MatrixMap
 from ..program.program import Program
 from ..program.variables import Scalar
 from .capture import Captured, source_line
@@ -566,7 +567,7 @@ def _linear_layer(low: Lowering, node, x, wt, bias):
             )
         cols = low.columns(W)
         X = x.value.reshape(-1, x.value.shape[-1])
-        h = P.linear(lambda u, _X=X: u @ _X.T, cols, label=f"{cols.name} · x")
+        h = P.linear(MatrixMap(X), cols, label=f"{cols.name} · x")
         return Vec(low.add_bias(bias, h), out_shape, axis)
     if isinstance(x, Merged):
         return _merged_readout(low, node, x, W, bias)

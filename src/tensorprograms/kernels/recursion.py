@@ -19,6 +19,8 @@ parameters of ``E[dh dh']·Cov``, here accumulated forward instead of by a backw
 but each update is a few batched tensor operations over ``[pairs, P, P]``, and memory is
 bounded by evaluating a block of example pairs at a time: a pass over the same-example
 pairs first (the variances every closed form needs), then the off-diagonal blocks.
+Programs without positions (P = 1: MLPs) run the same plan on dense tiles of example pairs
+instead (dense.py).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..master import closed_form
-from ..program.calling import call_full
+from ..program.calling import MatrixMap, call_full
 from ..program.instructions import InitVector, LinComb, MatMul, Nonlin
 from ..program.program import Program
 from ..program.variables import Matrix, Vector
-from . import fused
+from . import dense, fused
 from .operators import SpatialOp, probe, translate_sum
 
 DENSE_ATOM_LIMIT = 1 << 14  # initial vectors up to this many finite entries are pushed as U
@@ -175,7 +177,7 @@ class _Plan:
         elif isinstance(ins, InitVector):
             if g.numel > DENSE_ATOM_LIMIT:
                 raise NotApplicable(f"{g.name}: an initial vector with too many finite entries")
-            dense[g] = torch.eye(g.numel, dtype=torch.float64).reshape(g.numel, *g.shape)
+            dense[g] = _Eye(g.numel, g.shape)
         elif isinstance(ins, LinComb):
             if ins.params:
                 raise NotApplicable(f"{g.name}: a LinComb with Scalar coefficients")
@@ -190,9 +192,16 @@ class _Plan:
                         t = m.then(op)
                         spatial[atom] = spatial[atom].plus(t) if atom in spatial else t
                 for atom, u in inner_dense.items():
-                    args = [u if i == k else torch.zeros(u.shape[0], *s, dtype=torch.float64)
-                            for i, s in enumerate(shapes)]
-                    t = call_full(ins.fn, args, shapes, [], 1).reshape(u.shape[0], *g.shape)
+                    coefs = getattr(ins.fn, "coefficients", None)  # Program.lincomb: Σ c_k x_k
+                    if isinstance(u, _Eye) and isinstance(ins.fn, MatrixMap):
+                        t = ins.fn.matrix.T.reshape(u.n, *g.shape)  # fn(e_f) = A[:, f]: no probe
+                    elif coefs is not None and x.shape == g.shape and not isinstance(u, _Eye):
+                        t = u if coefs[k] == 1.0 else coefs[k] * u  # no pass through fn
+                    else:
+                        u = _dense(u)
+                        args = [u if i == k else torch.zeros(u.shape[0], *s, dtype=torch.float64)
+                                for i, s in enumerate(shapes)]
+                        t = call_full(ins.fn, args, shapes, [], 1).reshape(u.shape[0], *g.shape)
                     dense[atom] = dense[atom] + t if atom in dense else t
         else:
             raise NotApplicable(f"{g.name}: {type(ins).__name__} is not Gaussian")
@@ -201,7 +210,7 @@ class _Plan:
             if use_spatial or use.shape != g.shape:
                 raise NotApplicable(f"{use.name}: a constant-initialized parameter of another shape")
             for atom, u in use_dense.items():
-                dense[atom] = dense[atom] + u if atom in dense else u
+                dense[atom] = _dense(dense[atom]) + _dense(u) if atom in dense else u
         self._terms[g] = (spatial, dense)
         return spatial, dense
 
@@ -215,6 +224,7 @@ class _Plan:
         if dense:
             us, covs, ntks, consts = [], [], [], []
             for atom, u in dense.items():
+                u = _dense(u)
                 f = u.shape[0]
                 u = u.reshape(f, self.batch, -1)
                 c = atom.instruction.cov.reshape(f, f).to(torch.float64)
@@ -222,7 +232,9 @@ class _Plan:
                 # a constant-initialized parameter's stand-in enters Θ only (w·UᵀΣU), not K
                 c_k, c_ntk = (torch.zeros_like(c) if atom in self.ghost_prims else c), w * c
                 flat = u.reshape(f, -1)
-                if bool((flat == flat[:, :1]).all()):  # the same at every example and position (a bias)
+                # the same at every example and position (a bias)? (the first two columns first)
+                same = flat.shape[1] < 2 or torch.equal(flat[:, 0], flat[:, 1])
+                if same and bool((flat == flat[:, :1]).all()):
                     consts.append((flat[:, 0], c_k, c_ntk))
                     continue
                 us.append(u)
@@ -230,10 +242,26 @@ class _Plan:
                 ntks.append(c_ntk)
             if us:
                 cov, cov_ntk = torch.block_diag(*covs), torch.block_diag(*ntks)
-                step.dense = _Dense(torch.cat(us), cov, None if torch.equal(cov, cov_ntk) else cov_ntk)
+                u = us[0] if len(us) == 1 else torch.cat(us)
+                step.dense = _Dense(u, cov, None if torch.equal(cov, cov_ntk) else cov_ntk)
             step.const = (sum(float(u @ c @ u) for u, c, _ in consts),
                           sum(float(u @ c @ u) for u, _, c in consts))
         return step
+
+
+@dataclass
+class _Eye:
+    """The identity ``[n, *shape]``: an initial vector's own coordinates, not yet pushed
+    through a map (materialized only when a map has to be probed with it)."""
+
+    n: int
+    shape: tuple[int, ...]
+
+
+def _dense(u: torch.Tensor | _Eye) -> torch.Tensor:
+    if isinstance(u, _Eye):
+        return torch.eye(u.n, dtype=torch.float64).reshape(u.n, *u.shape)
+    return u
 
 
 class _Pairs:
@@ -339,7 +367,9 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
         weight: ``primitive -> float``, the NTK weight of a matrix or initial vector (None:
             NNGP only).
         block_entries, min_pairs: a block holds ``max(min_pairs, block_entries // P²)`` example
-            pairs (P: the most positions of any vector); memory is a few such blocks.
+            pairs (P: the most positions of any vector); memory is a few such blocks. Without
+            positions (P = 1) a block is a dense tile of ``√block_entries`` × ``√block_entries``
+            pairs, and the tiles are spread over torch's thread count (kernels/dense.py).
         ghosts: the lowering's ``(primitive, use, target, factor)`` for constant-initialized
             parameters (frontend/ntk.py): their stand-ins add ``weight·Cov`` to Θ only.
 
@@ -352,15 +382,17 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
     if THREADS is not None:
         torch.set_num_threads(THREADS)
     try:
-        return _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs)
+        return _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, threads)
     finally:
         torch.set_num_threads(threads)
 
 
-def _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs):
+def _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, threads):
     plan = _Plan(program, output, batch, weight, ghosts)
     kinds = 2 if plan.ntk else 1
     p_max = max(math.prod(v.shape[1:]) for v in plan.order)
+    if p_max == 1:  # no positions (MLPs): dense tiles of example pairs, on `threads` threads
+        return dense.kernels(plan, batch, kinds, n1, threads, max(math.isqrt(block_entries), 1))
     per_block = max(min_pairs, block_entries // (p_max * p_max), 1)
     variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
                  for s in plan.steps.values() if isinstance(s, _Act)}
@@ -380,7 +412,8 @@ def _blocks(plan: _Plan, batch: int, kinds: int, variances: dict, n1: int | None
             result = torch.zeros(kinds, n1, batch - n1, dtype=torch.float64)
             left = torch.arange(n1).repeat_interleave(batch - n1)
             right = torch.arange(n1, batch).repeat(n1)
-        compiled = fused.use_compiled((len(left) + batch) * p_max * p_max)
+        layers = sum(isinstance(s, _Act) for s in plan.steps.values())
+        compiled = fused.use_compiled((len(left) + batch) * p_max * p_max * layers)
         # the same-example pairs first: the variances every closed form needs
         for start in range(0, batch, per_block):
             rows = idx[start:start + per_block]

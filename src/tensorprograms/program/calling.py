@@ -28,6 +28,21 @@ def pad_finite(value: torch.Tensor, nbatch: int, shape: tuple[int, ...], rank: i
     return value.reshape(tuple(batch) + (1,) * (rank - len(shape)) + tuple(shape))
 
 
+class MatrixMap:
+    """The linear function ``u -> u @ Aᵀ`` of one vector of finite shape ``(in,)``, for a
+    fixed ``A [out, in]`` (an input layer's data). It keeps ``A`` as ``.matrix`` so that
+    consumers that need the map's matrix read it instead of probing the function with the
+    identity (an ``in × in × out`` product at every call)."""
+
+    __name__ = "matmul"
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return u @ self.matrix.T
+
+
 def call_full(
     fn: Callable[..., torch.Tensor],
     vectors: Sequence[torch.Tensor],

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ProgramError
 from . import languages
-from .calling import check_linear, is_elementwise, is_linear, probe_output_shape
+from .calling import MatrixMap, check_linear, is_elementwise, is_linear, probe_output_shape
 from .functions import function_name
 from .instructions import (
     InitMatrix,
@@ -267,8 +267,11 @@ class Program:
         _, ps = self._split_args((), params, where)
         shapes = [x.shape for x in xs]
         probe = self._probe_params(ps)
-        out_shape = probe_output_shape(fn, shapes, probe, where)
-        check_linear(fn, shapes, where, probe)
+        if isinstance(fn, MatrixMap) and len(xs) == 1 and shapes[0] == (fn.matrix.shape[1],) and not ps:
+            out_shape = (fn.matrix.shape[0],)  # linear by construction: no probes
+        else:
+            out_shape = probe_output_shape(fn, shapes, probe, where)
+            check_linear(fn, shapes, where, probe)
         out = Vector(self, self._fresh(name, "g"), out_shape, xs[0].ratio, "G")
         return self._append(LinComb(out, fn, tuple(xs), label, tuple(ps)))  # type: ignore[return-value]
 
