@@ -9,6 +9,7 @@ import torch
 import tensorprograms as tp
 from tensorprograms import functions as F
 from tensorprograms.errors import ExpectationError
+from tensorprograms.master import closed_form
 
 FUNCTIONS = {
     "identity": F.identity,
@@ -18,6 +19,7 @@ FUNCTIONS = {
     "leaky_relu": F.leaky_relu(0.2),
     "affine": F.affine(2.0, 0.5),
     "erf": F.erf,
+    "erf'": closed_form.derivative(F.erf),  # (2/√π)·exp(-x²): the NTK's E[erf' erf']
     "sin": F.sin,
     "cos": F.cos,
     "exp": F.exp,
@@ -27,7 +29,7 @@ FUNCTIONS = {
     "aten.sin": torch.ops.aten.sin.default,
 }
 PIECEWISE = {"identity", "relu", "step", "abs", "leaky_relu", "affine", "torch.relu", "aten.relu"}
-ERF = {"identity", "erf", "torch.erf", "affine"}
+ERF = {"identity", "erf", "torch.erf", "affine", "erf'"}
 TRIG = {"identity", "sin", "cos", "exp", "affine", "aten.sin"}
 
 
@@ -91,6 +93,11 @@ def test_known_values():
     assert torch.allclose(L.mean(y), torch.full((2,), (2 * torch.pi) ** -0.5), rtol=1e-14)
     arcsine = 2 / torch.pi * torch.arcsin(torch.tensor(2 * 0.5 / 3.0))  # Williams 1997
     assert torch.allclose(L.second_moment(e)[0, 1], arcsine, rtol=1e-14)
+    # E[exp(-u²) exp(-v²)] = det(I + 2Σ)^(-1/2) = (3·3 - 1)^(-1/2); erf' = (2/√π) exp(-x²)
+    de = P.nonlin(closed_form.derivative(torch.erf), h)
+    L = tp.master_theorem(P)
+    assert torch.allclose(L.second_moment(de)[0, 1], torch.tensor(4 / torch.pi / 8 ** 0.5), rtol=1e-14)
+    assert torch.allclose(L.mean(de), torch.full((2,), 2 / torch.pi ** 0.5 / 3 ** 0.5), rtol=1e-14)
 
 
 def test_pairs_without_closed_form_fall_back_to_quadrature(inputs):

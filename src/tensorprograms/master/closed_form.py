@@ -1,11 +1,12 @@
 """Closed-form Gaussian expectations for the functions that have them.
 
 A recognised function is written as ``Σ_i c_i · base_i(z) + const`` over the bases
-``id, relu, step, erf, sin, cos, exp`` (so leaky ReLU, abs and affine maps come for
-free). For jointly Gaussian ``(u, v)`` with variances ``s1², s2²`` and covariance ``c``,
-``E[f(u) g(v)]`` expands bilinearly into base pairs, each a formula below
+``id, relu, step, erf, gauss, sin, cos, exp`` (``gauss(x) = exp(-x²)``, so erf' is one; leaky
+ReLU, abs and affine maps come for free). For jointly Gaussian ``(u, v)`` with variances
+``s1², s2²`` and covariance ``c``, ``E[f(u) g(v)]`` expands bilinearly into base pairs, each a formula below
 (arc-cosine kernels of Cho & Saul for relu/step, Williams' arcsine for erf,
-characteristic functions for sin/cos/exp, Stein's lemma for id × anything).
+characteristic functions for sin/cos/exp, Gaussian integrals for gauss, Stein's lemma for
+id × anything).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def terms_of(fn: Callable | None) -> Terms | None:
 
 _BASE_FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "id": lambda x: x, "relu": torch.relu, "step": F.step, "erf": torch.erf,
+    "gauss": lambda x: torch.exp(-x * x),
     "sin": torch.sin, "cos": torch.cos, "exp": torch.exp,
 }
 
@@ -94,6 +96,7 @@ class Combination(F.Elementwise):
 _DERIVATIVE: dict[str, tuple[tuple[tuple[float, str], ...], float]] = {
     "id": ((), 1.0), "relu": (((1.0, "step"),), 0.0), "sin": (((1.0, "cos"),), 0.0),
     "cos": (((-1.0, "sin"),), 0.0), "exp": (((1.0, "exp"),), 0.0),
+    "erf": (((2 / math.sqrt(math.pi), "gauss"),), 0.0),
 }
 
 
@@ -128,6 +131,8 @@ def _mean_base(base: str, v: torch.Tensor) -> torch.Tensor | None:
         return torch.exp(-v / 2)
     if base == "exp":
         return torch.exp(v / 2)
+    if base == "gauss":
+        return 1 / torch.sqrt(1 + 2 * v)
     return None
 
 
@@ -223,6 +228,10 @@ def _cross_base(b1: str, b2: str, p: _Pair) -> torch.Tensor | None:
     if pair == ("erf", "erf"):
         arg = 2 * c / torch.sqrt((1 + 2 * v1) * (1 + 2 * v2))
         return (2 / math.pi) * torch.arcsin(arg.clamp(-1.0, 1.0))
+    if pair == ("gauss", "gauss"):  # E[exp(-u² - v²)] = det(I + 2Σ)^(-1/2)
+        return 1 / torch.sqrt((1 + 2 * v1) * (1 + 2 * v2) - 4 * c * c)
+    if pair in (("id", "gauss"), ("erf", "gauss")):  # odd × even
+        return torch.zeros_like(c + v1 + v2)
     damp = torch.exp(-(v1 + v2) / 2)
     if pair == ("sin", "sin"):
         return damp * torch.sinh(c)
