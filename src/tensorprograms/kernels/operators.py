@@ -55,6 +55,10 @@ class SpatialOp:
         """``outer ∘ self``."""
         return SpatialOp(outer.matrix @ self.matrix, self.in_shape, outer.out_shape)
 
+    def scaled(self, c: float) -> SpatialOp:
+        """``c·M`` (``self`` when c = 1)."""
+        return self if c == 1.0 else SpatialOp(self.matrix * c, self.in_shape, self.out_shape)
+
     def plus(self, other: SpatialOp) -> SpatialOp:
         return SpatialOp(self.matrix + other.matrix, self.in_shape, self.out_shape)
 
@@ -231,11 +235,13 @@ def probe(fn: Callable, shapes: Sequence[tuple[int, ...]], k: int, params: Seque
                 for i, s in enumerate(shapes)]
         return call_full(fn, args, shapes, list(params), 1).reshape(u.shape[0], batch, p_out)
 
-    basis = torch.zeros(rows * batch, p_in, dtype=torch.float64)
-    idx = torch.arange(p_in)
-    basis[idx, idx] = 1.0
-    out = run(basis.reshape(rows, batch, *sk[1:]))
-    matrix = out.reshape(rows * batch, p_out)[:p_in].T.contiguous()  # [P_out, P_in]
+    matrix = _rows_by_adjoint(run, sk, batch, p_in, p_out) if p_out < p_in else None
+    if matrix is None:
+        basis = torch.zeros(rows * batch, p_in, dtype=torch.float64)
+        idx = torch.arange(p_in)
+        basis[idx, idx] = 1.0
+        out = run(basis.reshape(rows, batch, *sk[1:]))
+        matrix = out.reshape(rows * batch, p_out)[:p_in].T.contiguous()  # [P_out, P_in]
     gen = torch.Generator().manual_seed(0)
     test = torch.randn(2, batch, p_in, generator=gen, dtype=torch.float64)
     want = test @ matrix.T
@@ -243,3 +249,22 @@ def probe(fn: Callable, shapes: Sequence[tuple[int, ...]], k: int, params: Seque
     if not torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max().clamp_min(1.0))):
         return None
     return SpatialOp(matrix, sk[1:], tuple(out_shape[1:]))
+
+
+def _rows_by_adjoint(run: Callable, sk: tuple[int, ...], batch: int, p_in: int, p_out: int
+                     ) -> torch.Tensor | None:
+    """``M [P_out, P_in]`` from the adjoint when fewer positions come out than go in (a
+    Flatten's one-position selections: ⌈P_out/N⌉ rows instead of ⌈P_in/N⌉), the cotangents
+    of the output positions spread over the examples; None when ``fn`` has no gradient."""
+    rows = -(-p_out // batch)
+    try:
+        with torch.enable_grad():
+            u = torch.zeros(rows, *sk, dtype=torch.float64, requires_grad=True)
+            out = run(u)
+            cot = torch.zeros(rows * batch, p_out, dtype=torch.float64)
+            idx = torch.arange(p_out)
+            cot[idx, idx] = 1.0
+            (grad,) = torch.autograd.grad(out, u, cot.reshape(out.shape))
+    except (RuntimeError, TypeError):
+        return None
+    return grad.reshape(rows * batch, p_in)[:p_out].contiguous()

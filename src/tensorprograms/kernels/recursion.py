@@ -180,19 +180,27 @@ class _Plan:
             if ins.params:
                 raise NotApplicable(f"{g.name}: a LinComb with Scalar coefficients")
             shapes = [x.shape for x in ins.xs]
+            # Σ c_k x_k of equal shapes (P.lincomb): term k is c_k times the identity, no probing
+            # (a Flatten readout sums one term per position)
+            coefs = getattr(ins.fn, "coefficients", None)
+            if coefs is not None and any(s != g.shape for s in shapes):
+                coefs = None
             for k, x in enumerate(ins.xs):
                 inner_spatial, inner_dense = self._atoms(x)
                 if inner_spatial:
-                    op = probe(ins.fn, shapes, k, [], self.batch, g.shape)
-                    if op is None:
+                    op = None if coefs is not None else probe(ins.fn, shapes, k, [], self.batch, g.shape)
+                    if op is None and coefs is None:
                         raise NotApplicable(f"{g.name}: not a per-example map of positions")
                     for atom, m in inner_spatial.items():
-                        t = m.then(op)
+                        t = m.then(op) if coefs is None else m.scaled(coefs[k])
                         spatial[atom] = spatial[atom].plus(t) if atom in spatial else t
                 for atom, u in inner_dense.items():
-                    args = [u if i == k else torch.zeros(u.shape[0], *s, dtype=torch.float64)
-                            for i, s in enumerate(shapes)]
-                    t = call_full(ins.fn, args, shapes, [], 1).reshape(u.shape[0], *g.shape)
+                    if coefs is not None:
+                        t = coefs[k] * u
+                    else:
+                        args = [u if i == k else torch.zeros(u.shape[0], *s, dtype=torch.float64)
+                                for i, s in enumerate(shapes)]
+                        t = call_full(ins.fn, args, shapes, [], 1).reshape(u.shape[0], *g.shape)
                     dense[atom] = dense[atom] + t if atom in dense else t
         else:
             raise NotApplicable(f"{g.name}: {type(ins).__name__} is not Gaussian")
@@ -330,8 +338,8 @@ RELU = (((1.0, "relu"),), 0.0)
 
 def kernels_by_recursion(program: Program, output: Vector, batch: int,
                          weight: Callable[[object], float] | None, n1: int | None = None,
-                         block_entries: int = BLOCK_ENTRIES, ghosts=(), min_pairs: int = MIN_PAIRS
-                         ) -> tuple[torch.Tensor, ...]:
+                         block_entries: int = BLOCK_ENTRIES, ghosts=(), min_pairs: int = MIN_PAIRS,
+                         pairs: str | None = None) -> tuple[torch.Tensor, ...]:
     """``(K,)`` or ``(K, Θ)`` of ``output`` (finite shape ``(batch,)``), each ``[batch, batch]``,
     or ``[n1, batch - n1]`` (the rows ``< n1`` against the others) when ``n1`` is given.
 
@@ -342,6 +350,9 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
             pairs (P: the most positions of any vector); memory is a few such blocks.
         ghosts: the lowering's ``(primitive, use, target, factor)`` for constant-initialized
             parameters (frontend/ntk.py): their stand-ins add ``weight·Cov`` to Θ only.
+        pairs: which position pairs to carry: "needed" (only those the output reads, e.g.
+            same-position pairs under a Flatten readout; needed.py), "all", or "auto" (the
+            needed ones when they are few); None: ``needed.MODE``. Equal values either way.
 
     Raises:
         NotApplicable: the program is outside the recursion (the engine handles it).
@@ -352,24 +363,36 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
     if THREADS is not None:
         torch.set_num_threads(THREADS)
     try:
-        return _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs)
+        return _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, pairs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs):
+def _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, pairs):
+    from .needed import needed_plan  # it builds on this module's steps
+
     plan = _Plan(program, output, batch, weight, ghosts)
     kinds = 2 if plan.ntk else 1
+    needed = needed_plan(plan, batch, pairs)
+    if needed is not None:  # only the position pairs the output reads (needed.py)
+        per_block = max(min_pairs, block_entries // needed.entries, 1)
+        return _blocks(needed.evaluate, batch, kinds, n1, per_block, needed.entries)
     p_max = max(math.prod(v.shape[1:]) for v in plan.order)
     per_block = max(min_pairs, block_entries // (p_max * p_max), 1)
     variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
                  for s in plan.steps.values() if isinstance(s, _Act)}
-    return _blocks(plan, batch, kinds, variances, n1, per_block, p_max)
+
+    def evaluate(left, right, store, compiled):
+        return _evaluate(plan, _Pairs(left, right), variances, store, compiled)
+
+    return _blocks(evaluate, batch, kinds, n1, per_block, p_max * p_max)
 
 
-def _blocks(plan: _Plan, batch: int, kinds: int, variances: dict, n1: int | None, per_block: int,
-            p_max: int) -> tuple[torch.Tensor, ...]:
-    """Every block of example pairs: the same-example pairs first, then the others."""
+def _blocks(evaluate: Callable, batch: int, kinds: int, n1: int | None, per_block: int,
+            entries: int) -> tuple[torch.Tensor, ...]:
+    """Every block of example pairs: the same-example pairs first, then the others.
+    ``evaluate(left, right, store_variances, compiled) -> [kinds, E]``; ``entries``: covariance
+    entries per example pair."""
     with torch.no_grad():
         idx = torch.arange(batch)
         if n1 is None:
@@ -380,16 +403,16 @@ def _blocks(plan: _Plan, batch: int, kinds: int, variances: dict, n1: int | None
             result = torch.zeros(kinds, n1, batch - n1, dtype=torch.float64)
             left = torch.arange(n1).repeat_interleave(batch - n1)
             right = torch.arange(n1, batch).repeat(n1)
-        compiled = fused.use_compiled((len(left) + batch) * p_max * p_max)
+        compiled = fused.use_compiled((len(left) + batch) * entries)
         # the same-example pairs first: the variances every closed form needs
         for start in range(0, batch, per_block):
             rows = idx[start:start + per_block]
-            val = _evaluate(plan, _Pairs(rows, rows), variances, True, compiled)
+            val = evaluate(rows, rows, True, compiled)
             if n1 is None:
                 result[:, rows, rows] = val
         for start in range(0, len(left), per_block):
             lb, rb = left[start:start + per_block], right[start:start + per_block]
-            val = _evaluate(plan, _Pairs(lb, rb), variances, False, compiled)
+            val = evaluate(lb, rb, False, compiled)
             if n1 is None:
                 result[:, lb, rb] = val
                 result[:, rb, lb] = val
