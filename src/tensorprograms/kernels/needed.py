@@ -56,7 +56,8 @@ class _Source:
 @dataclass
 class _DenseAt:
     """Initial-vector atoms ``UᵀΣU`` at the pairs ``(p, q)``: ``u``, ``cu``, ``cu_ntk``
-    ``[F, P·N]`` (``U`` and ``ΣU`` with positions before examples, flattened)."""
+    ``[P·N, F]`` (``U`` and ``ΣU``, a row per position and example: the rows a block reads
+    are gathered whole)."""
 
     u: torch.Tensor
     cu: torch.Tensor
@@ -234,8 +235,8 @@ class NeededPlan:
         if dense is not None:
             n = self.batch
 
-            def flat(u):  # [F, N, P] -> [F, P·N]
-                return u.reshape(u.shape[0], n, -1).transpose(1, 2).reshape(u.shape[0], -1).contiguous()
+            def flat(u):  # [F, N, P] -> [P·N, F]
+                return u.reshape(u.shape[0], n, -1).permute(2, 1, 0).reshape(-1, u.shape[0]).contiguous()
 
             u = dense.u.reshape(dense.u.shape[0], n, -1)
             cu = torch.einsum("fg,gnp->fnp", dense.cov, u)
@@ -297,14 +298,7 @@ class NeededPlan:
             out[1].addmm_(src.s, t, beta=beta)
         if step.dense is not None:
             d = step.dense
-            n = self.batch
-            il = (d.p * n).unsqueeze(1) + left.unsqueeze(0)
-            ir = (d.q * n).unsqueeze(1) + right.unsqueeze(0)
-            a = d.u.index_select(1, il.reshape(-1))
-
-            def gram(cu):
-                return torch.einsum("fi,fi->i", a, cu.index_select(1, ir.reshape(-1))).reshape(len(d.p), e)
-
+            gram = self._gram(d, left, right)
             k = gram(d.cu)
             if out is None:
                 out = torch.empty(kinds, len(d.p), e, dtype=torch.float64)
@@ -321,6 +315,30 @@ class NeededPlan:
             if step.const[k]:
                 out[k].add_(step.const[k])
         return out
+
+    def _gram(self, d: _DenseAt, left: torch.Tensor, right: torch.Tensor):
+        """``cu -> [K, E]``: ``Σ_f U[p_k, left_e, f] cu[q_k, right_e, f]``.
+
+        A block of pairs ``i < j`` in order has few distinct ``left`` (rows): then one batched
+        product per position pair over the block's distinct rows and columns, read at the
+        pairs, gathers ``F`` times fewer entries than a dot product per entry."""
+        n, e, k = self.batch, len(left), len(d.p)
+        rows, at_row = torch.unique(left, return_inverse=True)
+        cols, at_col = torch.unique(right, return_inverse=True)
+        if len(rows) * len(cols) <= 4 * e:
+            a = d.u.index_select(0, ((d.p * n).unsqueeze(1) + rows).reshape(-1)).reshape(k, len(rows), -1)
+            at = (at_row * len(cols) + at_col).unsqueeze(0).expand(k, e)
+
+            def grams(cu):
+                b = cu.index_select(0, ((d.q * n).unsqueeze(1) + cols).reshape(-1)).reshape(k, len(cols), -1)
+                return torch.bmm(a, b.transpose(1, 2)).reshape(k, -1).gather(1, at)
+            return grams
+        a = d.u.index_select(0, ((d.p * n).unsqueeze(1) + left).reshape(-1)).unsqueeze(1)  # [K·E, 1, F]
+
+        def dots(cu):
+            b = cu.index_select(0, ((d.q * n).unsqueeze(1) + right).reshape(-1)).unsqueeze(2)  # [K·E, F, 1]
+            return torch.bmm(a, b).reshape(k, e)
+        return dots
 
     def _apply_elementwise(self, step: _Elementwise, h: torch.Tensor, left, right, store, compiled):
         var = self.variances[step.h]

@@ -11,6 +11,7 @@ with matrix products otherwise.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -242,13 +243,20 @@ def probe(fn: Callable, shapes: Sequence[tuple[int, ...]], k: int, params: Seque
         basis[idx, idx] = 1.0
         out = run(basis.reshape(rows, batch, *sk[1:]))
         matrix = out.reshape(rows * batch, p_out)[:p_in].T.contiguous()  # [P_out, P_in]
-    gen = torch.Generator().manual_seed(0)
-    test = torch.randn(2, batch, p_in, generator=gen, dtype=torch.float64)
+    test = _random_input(batch, p_in)
     want = test @ matrix.T
     got = run(test.reshape(2, *sk))
     if not torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max().clamp_min(1.0))):
         return None
     return SpatialOp(matrix, sk[1:], tuple(out_shape[1:]))
+
+
+@functools.lru_cache(maxsize=8)
+def _random_input(batch: int, p_in: int) -> torch.Tensor:
+    """The check's random input ``[2, batch, p_in]`` (seeded; one per shape: a Flatten probes
+    P maps of the same input, and drawing it each time cost more than the probes)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, batch, p_in, generator=gen, dtype=torch.float64)
 
 
 def _rows_by_adjoint(run: Callable, sk: tuple[int, ...], batch: int, p_in: int, p_out: int
