@@ -39,14 +39,17 @@ class SpatialOp:
                                                                         self.out_shape)
         nnz = (matrix != 0).sum(1)
         self.rows = int(nnz.max()) if matrix.numel() else 0
-        self.src: torch.Tensor | None = None
-        self.coef: torch.Tensor | None = None
-        if self.rows <= SPARSE_ROWS:
-            # the r nonzeros of every row (padded with zero coefficients): src, coef [r, P_out]
-            r = max(self.rows, 1)
-            order = torch.argsort((matrix == 0).to(torch.int8), dim=1, stable=True)[:, :r]
-            self.src = order.T.contiguous()
-            self.coef = torch.gather(matrix, 1, order).T.contiguous()
+
+    @functools.cached_property
+    def _gathers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``src, coef [r, P_out]``: the r nonzeros of every row (padded with zero
+        coefficients), when every row has at most SPARSE_ROWS; found when first applied (most
+        ops are translations, or only composed)."""
+        if self.rows > SPARSE_ROWS:
+            return None
+        r = max(self.rows, 1)
+        order = torch.argsort((self.matrix == 0).to(torch.int8), dim=1, stable=True)[:, :r]
+        return order.T.contiguous(), torch.gather(self.matrix, 1, order).T.contiguous()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,6 +57,10 @@ class SpatialOp:
 
     def then(self, outer: SpatialOp) -> SpatialOp:
         """``outer ∘ self``."""
+        if outer.offset is not None and not any(outer.offset):  # the identity
+            return self
+        if self.offset is not None and not any(self.offset):
+            return outer
         return SpatialOp(outer.matrix @ self.matrix, self.in_shape, outer.out_shape)
 
     def scaled(self, c: float) -> SpatialOp:
@@ -65,14 +72,14 @@ class SpatialOp:
 
     def _side(self, c: torch.Tensor, dim: int) -> torch.Tensor:
         """``M`` applied along ``dim`` (-2: rows, -1: columns) of ``c``."""
-        if self.src is None:
+        if self._gathers is None:
             if dim == -1:
                 return c @ self.matrix.T
             return self.matrix @ c
         shape = [1] * c.ndim
         shape[dim] = -1
         out = None
-        for src, coef in zip(self.src, self.coef):
+        for src, coef in zip(*self._gathers):
             term = c.index_select(c.ndim + dim, src)
             if not bool((coef == 1).all()):
                 term = term * coef.reshape(shape)
