@@ -56,14 +56,15 @@ class _Source:
 @dataclass
 class _DenseAt:
     """Initial-vector atoms ``UᵀΣU`` at the pairs ``(p, q)``: ``u``, ``cu``, ``cu_ntk``
-    ``[P·N, F]`` (``U`` and ``ΣU``, a row per position and example: the rows a block reads
-    are gathered whole)."""
+    ``[P, N, F]`` (``U`` and ``ΣU``, a row per position and example: the rows a block reads
+    are sliced or gathered whole); ``same``: p = q = every position in order (no gather)."""
 
     u: torch.Tensor
     cu: torch.Tensor
     cu_ntk: torch.Tensor | None
     p: torch.Tensor
     q: torch.Tensor
+    same: bool
 
 
 @dataclass
@@ -235,15 +236,16 @@ class NeededPlan:
         if dense is not None:
             n = self.batch
 
-            def flat(u):  # [F, N, P] -> [P·N, F]
-                return u.reshape(u.shape[0], n, -1).permute(2, 1, 0).reshape(-1, u.shape[0]).contiguous()
+            def flat(u):  # [F, N, P] -> [P, N, F]
+                return u.reshape(u.shape[0], n, -1).permute(2, 1, 0).contiguous()
 
             u = dense.u.reshape(dense.u.shape[0], n, -1)
             cu = torch.einsum("fg,gnp->fnp", dense.cov, u)
             cu_ntk = None if dense.cov_ntk is None else torch.einsum("fg,gnp->fnp", dense.cov_ntk, u)
             key = self.needed[v]
-            at = _DenseAt(flat(u), flat(cu), None if cu_ntk is None else flat(cu_ntk),
-                          key // self.size[v], key % self.size[v])
+            p, q = key // self.size[v], key % self.size[v]
+            same = torch.equal(p, q) and torch.equal(p, torch.arange(self.size[v]))
+            at = _DenseAt(flat(u), flat(cu), None if cu_ntk is None else flat(cu_ntk), p, q, same)
         return _Linear(sources, at, const)
 
     def _elementwise(self, v, h, phi, dphi) -> _Elementwise:
@@ -319,25 +321,30 @@ class NeededPlan:
     def _gram(self, d: _DenseAt, left: torch.Tensor, right: torch.Tensor):
         """``cu -> [K, E]``: ``Σ_f U[p_k, left_e, f] cu[q_k, right_e, f]``.
 
-        A block of pairs ``i < j`` in order has few distinct ``left`` (rows): then one batched
-        product per position pair over the block's distinct rows and columns, read at the
-        pairs, gathers ``F`` times fewer entries than a dot product per entry."""
-        n, e, k = self.batch, len(left), len(d.p)
+        A block of pairs ``i < j`` in order has few distinct ``left`` (rows) and a run of
+        ``right`` (columns): then one batched product per position pair over the block's
+        rows and columns (the columns a slice, the positions unselected for same-position
+        pairs), read at the pairs; otherwise (the same-example pass) a dot product per entry."""
+        e, k = len(left), len(d.p)
         rows, at_row = torch.unique(left, return_inverse=True)
         cols, at_col = torch.unique(right, return_inverse=True)
         if len(rows) * len(cols) <= 4 * e:
-            a = d.u.index_select(0, ((d.p * n).unsqueeze(1) + rows).reshape(-1)).reshape(k, len(rows), -1)
+            a = d.u.index_select(1, rows)
+            a = a if d.same else a.index_select(0, d.p)  # [K, rows, F]
+            run = int(cols[-1] - cols[0]) + 1 == len(cols)
             at = (at_row * len(cols) + at_col).unsqueeze(0).expand(k, e)
 
             def grams(cu):
-                b = cu.index_select(0, ((d.q * n).unsqueeze(1) + cols).reshape(-1)).reshape(k, len(cols), -1)
+                b = cu[:, int(cols[0]):int(cols[-1]) + 1] if run else cu.index_select(1, cols)
+                b = b if d.same else b.index_select(0, d.q)  # [K, cols, F]
                 return torch.bmm(a, b.transpose(1, 2)).reshape(k, -1).gather(1, at)
             return grams
-        a = d.u.index_select(0, ((d.p * n).unsqueeze(1) + left).reshape(-1)).unsqueeze(1)  # [K·E, 1, F]
+        n = self.batch
+        a = d.u.view(-1, d.u.shape[-1]).index_select(0, ((d.p * n).unsqueeze(1) + left).reshape(-1))
 
         def dots(cu):
-            b = cu.index_select(0, ((d.q * n).unsqueeze(1) + right).reshape(-1)).unsqueeze(2)  # [K·E, F, 1]
-            return torch.bmm(a, b).reshape(k, e)
+            b = cu.view(-1, cu.shape[-1]).index_select(0, ((d.q * n).unsqueeze(1) + right).reshape(-1))
+            return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(k, e)  # [K·E, 1, F] × [K·E, F, 1]
         return dots
 
     def _apply_elementwise(self, step: _Elementwise, h: torch.Tensor, left, right, store, compiled):
