@@ -261,3 +261,19 @@ def test_probe_by_adjoint_equals_forward_probe():
         assert torch.equal(op.matrix, want)
         u = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
         _close(fn(u).reshape(2, 3, -1), u.reshape(2, 3, 16) @ op.matrix.T)
+
+
+def test_any_example_pairs_give_the_same_entries():
+    """The evaluator on pairs in no particular order (columns not a run, many distinct rows:
+    the gathered and the per-entry products of the first layer) equals the blocked result."""
+    x = _inputs((3, 4, 4), n=6)
+    limit = tp.infinite_width(PoolThenFlat, x)
+    K, T = kernels_by_recursion(limit.program, limit.output.var, 6, lambda p: 1.0, pairs="needed")
+    plan = needed_mod.NeededPlan(_plan(limit, 6), 6)
+    rows = torch.arange(6)
+    plan.evaluate(rows, rows, True, False)  # the variances
+    for left, right in (([0, 0, 2], [1, 3, 5]), ([0, 1, 2, 3, 4], [5, 4, 1, 0, 2])):
+        left, right = torch.tensor(left), torch.tensor(right)
+        got = plan.evaluate(left, right, False, False)
+        _close(got[0], K[left, right])
+        _close(got[1], T[left, right])
