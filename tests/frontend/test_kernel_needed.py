@@ -259,6 +259,8 @@ def test_probe_by_adjoint_equals_forward_probe():
         basis = torch.eye(16, dtype=torch.float64).reshape(16, 1, 4, 4).expand(16, 3, 4, 4)
         want = fn(basis)[:, 0].reshape(16, -1).T
         assert torch.equal(op.matrix, want)
+        # its own storage, not a view of the probe's gradient (a Flatten keeps P of them)
+        assert op.matrix.untyped_storage().nbytes() == op.matrix.numel() * 8
         u = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
         _close(fn(u).reshape(2, 3, -1), u.reshape(2, 3, 16) @ op.matrix.T)
 

@@ -282,4 +282,4 @@ def _rows_by_adjoint(run: Callable, sk: tuple[int, ...], batch: int, p_in: int, 
             (grad,) = torch.autograd.grad(out, u, cot.reshape(out.shape))
     except (RuntimeError, TypeError):
         return None
-    return grad.reshape(rows * batch, p_in)[:p_out].contiguous()
+    return grad.reshape(rows * batch, p_in)[:p_out].clone()  # not a view: it would keep all of grad
