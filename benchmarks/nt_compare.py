@@ -22,8 +22,10 @@ loaded shared machine a 2-thread pool spends its time waiting for a descheduled 
 The ``flat{16,32}-{64,128,256}`` cases are a CNN with a Flatten readout (2 × [conv 3×3 SAME,
 ReLU], flatten, dense) on side × side × 3 images, N = 64..256: its kernels need only
 same-position covariances (kernels/needed.py); ``flat…-all`` runs our all-pairs recursion
-instead (no neural-tangents row). "rec s" is the part of our time spent in the batched
-recursion; the rest of a ``kernels()`` call is lowering the program for these inputs.
+instead (no neural-tangents row); ``poolflat16`` puts an average pool and a third convolution
+before the flatten (pairs within each pooling window are needed below it). "rec s" is the
+part of our time spent in the batched recursion; the rest of a ``kernels()`` call is
+lowering the program for these inputs.
 Each row ends with the 1-minute load average when it finished (the machine is shared).
 """
 
@@ -61,6 +63,11 @@ CASES = {
     **{f"flat{s}-{n}": dict(arch="flat", n=n, shape=(s, s, 3)) for s in (16, 32) for n in (64, 128, 256)},
     **{f"flat{s}-{n}-all": dict(arch="flat", n=n, shape=(s, s, 3), pairs="all", nt=False)
        for s in (16, 32) for n in (64, 128, 256)},
+    # a pool in the middle, flatten at the end: window pairs below the pool, diagonal above
+    "poolflat16": dict(arch="poolflat", n=64, shape=(16, 16, 3)),
+    # neural-tangents needs every pair below the pool: plain jit passed 10.8 GB here, so nt.batch
+    "poolflat16b": dict(arch="poolflat", n=64, shape=(16, 16, 3), nt_batch=16),
+    "poolflat16-all": dict(arch="poolflat", n=64, shape=(16, 16, 3), pairs="all", nt=False),
 }
 DEFAULT = "mlp3,mlp10-2000,mlp10,cnn8,emp"
 
@@ -107,7 +114,7 @@ def worker_ours(case: dict, x_path: str, out: str, repeats: int) -> dict:
     from tensorprograms.kernels import needed
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from nt_models import CNN, MLP, FlatCNN
+    from nt_models import CNN, MLP, FlatCNN, PoolFlatCNN
 
     x = torch.from_numpy(np.load(x_path))
     if case["arch"] == "mlp":
@@ -115,8 +122,9 @@ def worker_ours(case: dict, x_path: str, out: str, repeats: int) -> dict:
     else:
         x = x.permute(0, 3, 1, 2).contiguous()  # NHWC (nt) -> NCHW (torch)
         factory = functools.partial(CNN, cin=x.shape[1], sw2=SW2, sb2=SB2)
-        if case["arch"] == "flat":
-            factory = functools.partial(FlatCNN, cin=x.shape[1], side=x.shape[2], sw2=SW2, sb2=SB2)
+        if case["arch"] in ("flat", "poolflat"):
+            model = FlatCNN if case["arch"] == "flat" else PoolFlatCNN
+            factory = functools.partial(model, cin=x.shape[1], side=x.shape[2], sw2=SW2, sb2=SB2)
     if "pairs" in case:
         needed.MODE = case["pairs"]
     limit = tp.infinite_width(factory, x[:2])
@@ -219,9 +227,12 @@ def worker_nt(case: dict, x_path: str, out: str, repeats: int) -> dict:
         for _ in range(case["depth"]):
             layers += [stax.Dense(WIDTH, W_std=sw, b_std=sb), stax.Relu()]
         layers.append(stax.Dense(1, W_std=sw, b_std=sb))
-    elif case["arch"] == "flat":
+    elif case["arch"] in ("flat", "poolflat"):
         conv = lambda: stax.Conv(WIDTH, (3, 3), padding="SAME", W_std=sw, b_std=sb)  # noqa: E731
-        layers = [conv(), stax.Relu(), conv(), stax.Relu(), stax.Flatten(), stax.Dense(1, W_std=sw, b_std=sb)]
+        layers = [conv(), stax.Relu(), conv(), stax.Relu()]
+        if case["arch"] == "poolflat":
+            layers += [stax.AvgPool((2, 2), strides=(2, 2)), conv(), stax.Relu()]
+        layers += [stax.Flatten(), stax.Dense(1, W_std=sw, b_std=sb)]
     else:
         conv = lambda: stax.Conv(WIDTH, (3, 3), padding="SAME", W_std=sw, b_std=sb)  # noqa: E731
         layers = [conv(), stax.Relu(), conv(), stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2)),
