@@ -265,12 +265,15 @@ def test_probe_by_adjoint_equals_forward_probe():
         _close(fn(u).reshape(2, 3, -1), u.reshape(2, 3, 16) @ op.matrix.T)
 
 
-def test_any_example_pairs_give_the_same_entries():
+@pytest.mark.parametrize("chunk", [needed_mod.GATHER_ENTRIES, 64])
+def test_any_example_pairs_give_the_same_entries(chunk, monkeypatch):
     """The evaluator on pairs in no particular order (columns not a run, many distinct rows:
-    the gathered and the per-entry products of the first layer) equals the blocked result."""
+    the gathered and the per-entry products of the first layer, whole or in chunks of
+    position pairs) equals the all-pairs recursion."""
+    monkeypatch.setattr(needed_mod, "GATHER_ENTRIES", chunk)
     x = _inputs((3, 4, 4), n=6)
     limit = tp.infinite_width(PoolThenFlat, x)
-    K, T = kernels_by_recursion(limit.program, limit.output.var, 6, lambda p: 1.0, pairs="needed")
+    K, T = kernels_by_recursion(limit.program, limit.output.var, 6, lambda p: 1.0, pairs="all")
     plan = needed_mod.NeededPlan(_plan(limit, 6), 6)
     rows = torch.arange(6)
     plan.evaluate(rows, rows, True, False)  # the variances

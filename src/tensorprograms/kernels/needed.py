@@ -39,6 +39,7 @@ from . import fused
 # vectors), else all pairs; "needed", "all": always that layout.
 MODE = "auto"
 NEEDED_FRACTION = 0.25
+GATHER_ENTRIES = 1 << 22  # the first layer's U and ΣU gathered per chunk of position pairs
 RELU = (((1.0, "relu"),), 0.0)
 
 
@@ -324,28 +325,44 @@ class NeededPlan:
         A block of pairs ``i < j`` in order has few distinct ``left`` (rows) and a run of
         ``right`` (columns): then one batched product per position pair over the block's
         rows and columns (the columns a slice, the positions unselected for same-position
-        pairs), read at the pairs; otherwise (the same-example pass) a dot product per entry."""
-        e, k = len(left), len(d.p)
+        pairs), read at the pairs; otherwise (the same-example pass) a dot product per entry.
+        Position pairs go in chunks that gather at most GATHER_ENTRIES values (F, the
+        initial vectors' entries, can be large)."""
+        e, k, f, n = len(left), len(d.p), d.u.shape[-1], self.batch
         rows, at_row = torch.unique(left, return_inverse=True)
         cols, at_col = torch.unique(right, return_inverse=True)
         if len(rows) * len(cols) <= 4 * e:
-            a = d.u.index_select(1, rows)
-            a = a if d.same else a.index_select(0, d.p)  # [K, rows, F]
+            at = at_row * len(cols) + at_col
             run = int(cols[-1] - cols[0]) + 1 == len(cols)
-            at = (at_row * len(cols) + at_col).unsqueeze(0).expand(k, e)
+            step = max(1, GATHER_ENTRIES // ((len(rows) + len(cols)) * f))
 
-            def grams(cu):
-                b = cu[:, int(cols[0]):int(cols[-1]) + 1] if run else cu.index_select(1, cols)
-                b = b if d.same else b.index_select(0, d.q)  # [K, cols, F]
-                return torch.bmm(a, b.transpose(1, 2)).reshape(k, -1).gather(1, at)
-            return grams
-        n = self.batch
-        a = d.u.view(-1, d.u.shape[-1]).index_select(0, ((d.p * n).unsqueeze(1) + left).reshape(-1))
+            def rows_of(t, pos, which, lo, hi):  # t[pos[lo:hi]][:, which]: [chunk, len(which), F]
+                idx = ((pos[lo:hi] * n).unsqueeze(1) + which).reshape(-1)
+                return t.view(-1, f).index_select(0, idx).reshape(hi - lo, len(which), f)
 
-        def dots(cu):
-            b = cu.view(-1, cu.shape[-1]).index_select(0, ((d.q * n).unsqueeze(1) + right).reshape(-1))
-            return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(k, e)  # [K·E, 1, F] × [K·E, F, 1]
-        return dots
+            def part(cu, lo, hi):
+                a = rows_of(d.u, d.p, rows, lo, hi)
+                if run and d.same:  # a view: no copy
+                    b = cu[lo:hi, int(cols[0]):int(cols[-1]) + 1]
+                else:
+                    b = rows_of(cu, d.q, cols, lo, hi)
+                return torch.bmm(a, b.transpose(1, 2)).reshape(hi - lo, -1)[:, at]
+        else:
+            step = max(1, GATHER_ENTRIES // (e * f))
+
+            def part(cu, lo, hi):  # [chunk·E, 1, F] × [chunk·E, F, 1]
+                a = d.u.view(-1, f).index_select(0, ((d.p[lo:hi] * n).unsqueeze(1) + left).reshape(-1))
+                b = cu.view(-1, f).index_select(0, ((d.q[lo:hi] * n).unsqueeze(1) + right).reshape(-1))
+                return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(hi - lo, e)
+
+        def gram(cu):
+            if step >= k:
+                return part(cu, 0, k)
+            out = torch.empty(k, e, dtype=torch.float64)
+            for lo in range(0, k, step):
+                out[lo:lo + step] = part(cu, lo, min(k, lo + step))
+            return out
+        return gram
 
     def _apply_elementwise(self, step: _Elementwise, h: torch.Tensor, left, right, store, compiled):
         var = self.variances[step.h]
