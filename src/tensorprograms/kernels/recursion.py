@@ -347,7 +347,8 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
         weight: ``primitive -> float``, the NTK weight of a matrix or initial vector (None:
             NNGP only).
         block_entries, min_pairs: a block holds ``max(min_pairs, block_entries // P²)`` example
-            pairs (P: the most positions of any vector); memory is a few such blocks.
+            pairs (P: the most positions of any vector; with the needed pairs, P² is the most
+            pairs any vector needs); memory is a few such blocks.
         ghosts: the lowering's ``(primitive, use, target, factor)`` for constant-initialized
             parameters (frontend/ntk.py): their stand-ins add ``weight·Cov`` to Θ only.
         pairs: which position pairs to carry: "needed" (only those the output reads, e.g.
