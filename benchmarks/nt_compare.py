@@ -21,6 +21,15 @@ OpenMP and XLA's Eigen pool; on a loaded shared machine a 2-thread pool spends i
 waiting for a descheduled thread),
 ``--n 4000`` (override N of the MLP cases), ``--repeats 3``, ``--scaling 1000,2000,4000,8000``
 (our MLP time vs N only).
+
+The ``flat{16,32}-{64,128,256}`` cases are a CNN with a Flatten readout (2 × [conv 3×3 SAME,
+ReLU], flatten, dense) on side × side × 3 images, N = 64..256: its kernels need only
+same-position covariances (kernels/needed.py); ``flat…-all`` runs our all-pairs recursion
+instead (no neural-tangents row); ``poolflat16`` puts an average pool and a third convolution
+before the flatten (pairs within each pooling window are needed below it). "rec s" is the
+part of our time spent in the batched recursion; the rest of a ``kernels()`` call is
+lowering the program for these inputs.
+Each row ends with the 1-minute load average when it finished (the machine is shared).
 """
 
 from __future__ import annotations
@@ -52,6 +61,16 @@ CASES = {
     "cnn16b": dict(arch="cnn", n=64, shape=(16, 16, 3), nt_batch=16),
     # one finite ReLU MLP (depth 3, width 512, NTK parametrization), same weights in both
     "emp": dict(arch="emp", depth=3, n=256, shape=(784,)),
+    # 2 × [conv 3×3 SAME, ReLU], flatten, dense: only same-position pairs are needed
+    # (kernels/needed.py); "-all" forces our all-pairs recursion (neural-tangents not rerun)
+    **{f"flat{s}-{n}": dict(arch="flat", n=n, shape=(s, s, 3)) for s in (16, 32) for n in (64, 128, 256)},
+    **{f"flat{s}-{n}-all": dict(arch="flat", n=n, shape=(s, s, 3), pairs="all", nt=False)
+       for s in (16, 32) for n in (64, 128, 256)},
+    # a pool in the middle, flatten at the end: window pairs below the pool, diagonal above
+    "poolflat16": dict(arch="poolflat", n=64, shape=(16, 16, 3)),
+    # neural-tangents needs every pair below the pool: plain jit passed 10.8 GB here, so nt.batch
+    "poolflat16b": dict(arch="poolflat", n=64, shape=(16, 16, 3), nt_batch=16),
+    "poolflat16-all": dict(arch="poolflat", n=64, shape=(16, 16, 3), pairs="all", nt=False),
 }
 DEFAULT = "mlp3,mlp10-2000,mlp10,cnn8,emp"
 
@@ -94,11 +113,12 @@ def worker_ours(case: dict, x_path: str, out: str, repeats: int) -> dict:
     import torch
 
     import tensorprograms as tp
-    from tensorprograms.kernels import fused
+    from tensorprograms.frontend.limit import InfiniteWidthLimit
+    from tensorprograms.kernels import fused, needed
 
     fused.COMPILE = {"auto": "auto", "on": True, "off": False}[case.get("compile", "auto")]
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from nt_models import CNN, MLP
+    from nt_models import CNN, MLP, FlatCNN, PoolFlatCNN
 
     x = torch.from_numpy(np.load(x_path))
     if case["arch"] == "mlp":
@@ -106,17 +126,35 @@ def worker_ours(case: dict, x_path: str, out: str, repeats: int) -> dict:
     else:
         x = x.permute(0, 3, 1, 2).contiguous()  # NHWC (nt) -> NCHW (torch)
         factory = functools.partial(CNN, cin=x.shape[1], sw2=SW2, sb2=SB2)
+        if case["arch"] in ("flat", "poolflat"):
+            model = FlatCNN if case["arch"] == "flat" else PoolFlatCNN
+            factory = functools.partial(model, cin=x.shape[1], side=x.shape[2], sw2=SW2, sb2=SB2)
+    if "pairs" in case:
+        needed.MODE = case["pairs"]
     limit = tp.infinite_width(factory, x[:2])
     result = {}
+    spent = []  # seconds in the batched recursion (the rest of a call: lowering the program)
+    by_recursion = InfiniteWidthLimit._by_recursion
+
+    def timed_recursion(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return by_recursion(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    InfiniteWidthLimit._by_recursion = timed_recursion
 
     def run():
+        spent.clear()
         result["k"] = limit.kernels(x)
+        result.setdefault("rec", []).append(sum(spent))
 
     warm, times = _timed(run, repeats)
     K, T = result["k"]
     np.save(out + ".nngp.npy", K.numpy())
     np.save(out + ".ntk.npy", T.numpy())
-    return {"warm": warm, "times": times, "peak_mb": _peak_mb()}
+    return {"warm": warm, "times": times, "peak_mb": _peak_mb(), "rec": result["rec"][1:]}
 
 
 def worker_ours_empirical(case: dict, x_path: str, out: str, repeats: int) -> dict:
@@ -193,6 +231,12 @@ def worker_nt(case: dict, x_path: str, out: str, repeats: int) -> dict:
         for _ in range(case["depth"]):
             layers += [stax.Dense(WIDTH, W_std=sw, b_std=sb), stax.Relu()]
         layers.append(stax.Dense(1, W_std=sw, b_std=sb))
+    elif case["arch"] in ("flat", "poolflat"):
+        conv = lambda: stax.Conv(WIDTH, (3, 3), padding="SAME", W_std=sw, b_std=sb)  # noqa: E731
+        layers = [conv(), stax.Relu(), conv(), stax.Relu()]
+        if case["arch"] == "poolflat":
+            layers += [stax.AvgPool((2, 2), strides=(2, 2)), conv(), stax.Relu()]
+        layers += [stax.Flatten(), stax.Dense(1, W_std=sw, b_std=sb)]
     else:
         conv = lambda: stax.Conv(WIDTH, (3, 3), padding="SAME", W_std=sw, b_std=sb)  # noqa: E731
         layers = [conv(), stax.Relu(), conv(), stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2)),
@@ -289,6 +333,9 @@ def run_case(name: str, case: dict, tmp: str, nt: Path | None, repeats: int) -> 
     ours = spawn(Path(sys.executable), "ours" + emp, case, x_path, ours_out, repeats)
     t_ours = statistics.median(ours["times"])
     nt_s = ratio = nt_mb = err = roof = roof_ratio = ""
+    rec = f"{statistics.median(ours['rec']):.3f}" if ours.get("rec") and case["arch"] != "mlp" else ""
+    if not case.get("nt", True):
+        nt = None
     if nt is not None:
         try:
             theirs = spawn(nt, "nt" + emp, case, x_path, nt_out, repeats)
@@ -302,8 +349,9 @@ def run_case(name: str, case: dict, tmp: str, nt: Path | None, repeats: int) -> 
     if case["arch"] == "mlp":
         r = spawn(Path(sys.executable), "roofline", case, x_path, "", repeats)
         roof, roof_ratio = f"{r['roofline']:.3f}", f"{t_ours / r['roofline']:.1f}"
-    return (f"{name:<12} {case['n']:>5} {t_ours:8.3f} {nt_s:>8} {ratio:>8} {roof:>10} {roof_ratio:>9} "
-            f"{ours['peak_mb']:8.0f} {nt_mb:>8} {err:>17} {ours['warm']:9.1f}")
+    return (f"{name:<15} {case['n']:>5} {t_ours:8.3f} {rec:>7} {nt_s:>8} {ratio:>8} {roof:>10} "
+            f"{roof_ratio:>9} {ours['peak_mb']:8.0f} {nt_mb:>8} {err:>17} {ours['warm']:9.1f}  "
+            f"load {os.getloadavg()[0]:.1f}")
 
 
 def main() -> None:
@@ -331,7 +379,7 @@ def main() -> None:
     threads = "default threads" if THREADS is None else f"{THREADS} thread(s) each"
     print(f"load average {os.getloadavg()}, {os.cpu_count()} cores, {threads}; "
           f"median of {args.repeats} after warm-up; our compile: {args.compile}")
-    head = (f"{'case':<12} {'N':>5} {'ours s':>8} {'nt s':>8} {'ours/nt':>8} {'roofline s':>10} "
+    head = (f"{'case':<15} {'N':>5} {'ours s':>8} {'rec s':>7} {'nt s':>8} {'ours/nt':>8} {'roofline s':>10} "
             f"{'ours/roof':>9} {'ours MB':>8} {'nt MB':>8} {'rel. err all/off':>17} {'ours 1st':>9}")
     print(head)
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,3 +48,35 @@ class CNN(nn.Module):
         x = torch.relu(self.c2(torch.relu(self.c1(x))))
         x = torch.relu(self.c3(nn.functional.avg_pool2d(x, 2)))
         return self.out(x.mean(dim=(2, 3)))
+
+
+class FlatCNN(nn.Module):
+    """2 × [conv 3×3 SAME, ReLU], flatten, dense (stax: 2 × [Conv, Relu], Flatten, Dense): no
+    pooling, so the kernels need only same-position covariances."""
+
+    def __init__(self, width: int, cin: int, side: int, sw2: float, sb2: float):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, width, 3, padding=1)
+        self.c2 = nn.Conv2d(width, width, 3, padding=1)
+        self.out = nn.Linear(width * side * side, 1)
+        _init(self, sw2, sb2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.c2(torch.relu(self.c1(x)))).flatten(1))
+
+
+class PoolFlatCNN(nn.Module):
+    """2 × [conv 3×3 SAME, ReLU], avgpool 2×2, conv 3×3, ReLU, flatten, dense: the pairs
+    within each pooling window below the pool, the same-position pairs above it."""
+
+    def __init__(self, width: int, cin: int, side: int, sw2: float, sb2: float):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, width, 3, padding=1)
+        self.c2 = nn.Conv2d(width, width, 3, padding=1)
+        self.c3 = nn.Conv2d(width, width, 3, padding=1)
+        self.out = nn.Linear(width * (side // 2) ** 2, 1)
+        _init(self, sw2, sb2)
+
+    def forward(self, x):
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.out(torch.relu(self.c3(nn.functional.avg_pool2d(x, 2))).flatten(1))

@@ -727,11 +727,11 @@ def _reshape_vec(low: Lowering, node, x: Vec, op):
     if axis is None:
         raise low.unsupported("a shape operation that removes the width dimension")
     moved = out.movedim(axis, 0)  # [w, *F_out]
+    if moved.shape[0] != x.shape[x.axis]:
+        return _merge(low, node, x, out, axis)
     src = torch.stack(torch.unravel_index(moved.reshape(moved.shape[0], -1), x.shape), -1)
     # width coordinate must be carried unchanged, finite coordinates independent of it
     width_coord = src[..., x.axis]
-    if moved.shape[0] != x.shape[x.axis]:
-        return _merge(low, node, x, out, axis)
     if not (width_coord == torch.arange(moved.shape[0])[:, None]).all():
         raise low.unsupported("a shape operation that mixes the width dimension with finite ones")
     finite = torch.cat([src[..., : x.axis], src[..., x.axis + 1:]], -1)
@@ -775,21 +775,33 @@ def _merge(low: Lowering, node, x: Vec, out: torch.Tensor, axis: int):
     moved = out.movedim(axis, -1)  # [*rest, C·M]
     rest = tuple(moved.shape[:-1])
     grid = moved.reshape(*rest, C, M)
-    src = torch.stack(torch.unravel_index(grid, x.shape), -1)  # [*rest, C, M, ndim]
-    if not (src[..., x.axis] == torch.arange(C)[:, None]).all():
+    coords = _unravel(grid, x.shape)  # ndim × [*rest, C, M]
+    if not (coords[x.axis] == torch.arange(C)[:, None]).all():
         raise low.unsupported("a flatten that is not channel-major over the width dimension")
-    finite = torch.cat([src[..., : x.axis], src[..., x.axis + 1:]], -1)  # [*rest, C, M, nf]
-    if not (finite == finite[..., :1, :, :]).all():
+    finite = coords[: x.axis] + coords[x.axis + 1:]
+    if not all((c == c[..., :1, :]).all() for c in finite):
         raise low.unsupported("a shape operation that mixes the width dimension with finite ones")
     fshape = x.finite_shape
-    strides = torch.tensor([math.prod(fshape[i + 1:]) for i in range(len(fshape))], dtype=torch.long)
-    flat = (finite[..., 0, :, :] * strides).sum(-1)  # [*rest, M]
+    flat = torch.zeros(*rest, M, dtype=torch.long)  # [*rest, M]
+    for i, c in enumerate(finite):
+        flat += c[..., 0, :] * math.prod(fshape[i + 1:])
     part_shape = rest[:axis] + (C,) + rest[axis:]
     parts = [
         _gather_vec(low, x, flat[..., p].reshape(-1), rest, part_shape, axis, f"position{p}")
         for p in range(M)
     ]
     return Merged(parts, tuple(out.shape), axis)
+
+
+def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    """``torch.unravel_index`` without stacking the coordinates (a flatten of N examples ×
+    width × P positions has N·C·P entries: one long tensor per axis, not a stacked copy)."""
+    coords = []
+    rest = flat
+    for n in reversed(shape):
+        coords.append(torch.remainder(rest, n))
+        rest = torch.div(rest, n, rounding_mode="floor")
+    return coords[::-1]
 
 
 def _merged_readout(low: Lowering, node, x: Merged, W: Param, bias):

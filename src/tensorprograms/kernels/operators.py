@@ -11,6 +11,7 @@ with matrix products otherwise.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -38,14 +39,17 @@ class SpatialOp:
                                                                         self.out_shape)
         nnz = (matrix != 0).sum(1)
         self.rows = int(nnz.max()) if matrix.numel() else 0
-        self.src: torch.Tensor | None = None
-        self.coef: torch.Tensor | None = None
-        if self.rows <= SPARSE_ROWS:
-            # the r nonzeros of every row (padded with zero coefficients): src, coef [r, P_out]
-            r = max(self.rows, 1)
-            order = torch.argsort((matrix == 0).to(torch.int8), dim=1, stable=True)[:, :r]
-            self.src = order.T.contiguous()
-            self.coef = torch.gather(matrix, 1, order).T.contiguous()
+
+    @functools.cached_property
+    def _gathers(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``src, coef [r, P_out]``: the r nonzeros of every row (padded with zero
+        coefficients), when every row has at most SPARSE_ROWS; found when first applied (most
+        ops are translations, or only composed)."""
+        if self.rows > SPARSE_ROWS:
+            return None
+        r = max(self.rows, 1)
+        order = torch.argsort((self.matrix == 0).to(torch.int8), dim=1, stable=True)[:, :r]
+        return order.T.contiguous(), torch.gather(self.matrix, 1, order).T.contiguous()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,21 +57,29 @@ class SpatialOp:
 
     def then(self, outer: SpatialOp) -> SpatialOp:
         """``outer ∘ self``."""
+        if outer.offset is not None and not any(outer.offset):  # the identity
+            return self
+        if self.offset is not None and not any(self.offset):
+            return outer
         return SpatialOp(outer.matrix @ self.matrix, self.in_shape, outer.out_shape)
+
+    def scaled(self, c: float) -> SpatialOp:
+        """``c·M`` (``self`` when c = 1)."""
+        return self if c == 1.0 else SpatialOp(self.matrix * c, self.in_shape, self.out_shape)
 
     def plus(self, other: SpatialOp) -> SpatialOp:
         return SpatialOp(self.matrix + other.matrix, self.in_shape, self.out_shape)
 
     def _side(self, c: torch.Tensor, dim: int) -> torch.Tensor:
         """``M`` applied along ``dim`` (-2: rows, -1: columns) of ``c``."""
-        if self.src is None:
+        if self._gathers is None:
             if dim == -1:
                 return c @ self.matrix.T
             return self.matrix @ c
         shape = [1] * c.ndim
         shape[dim] = -1
         out = None
-        for src, coef in zip(self.src, self.coef):
+        for src, coef in zip(*self._gathers):
             term = c.index_select(c.ndim + dim, src)
             if not bool((coef == 1).all()):
                 term = term * coef.reshape(shape)
@@ -231,15 +243,43 @@ def probe(fn: Callable, shapes: Sequence[tuple[int, ...]], k: int, params: Seque
                 for i, s in enumerate(shapes)]
         return call_full(fn, args, shapes, list(params), 1).reshape(u.shape[0], batch, p_out)
 
-    basis = torch.zeros(rows * batch, p_in, dtype=torch.float64)
-    idx = torch.arange(p_in)
-    basis[idx, idx] = 1.0
-    out = run(basis.reshape(rows, batch, *sk[1:]))
-    matrix = out.reshape(rows * batch, p_out)[:p_in].T.contiguous()  # [P_out, P_in]
-    gen = torch.Generator().manual_seed(0)
-    test = torch.randn(2, batch, p_in, generator=gen, dtype=torch.float64)
+    matrix = _rows_by_adjoint(run, sk, batch, p_in, p_out) if p_out < p_in else None
+    if matrix is None:
+        basis = torch.zeros(rows * batch, p_in, dtype=torch.float64)
+        idx = torch.arange(p_in)
+        basis[idx, idx] = 1.0
+        out = run(basis.reshape(rows, batch, *sk[1:]))
+        matrix = out.reshape(rows * batch, p_out)[:p_in].T.contiguous()  # [P_out, P_in]
+    test = _random_input(batch, p_in)
     want = test @ matrix.T
     got = run(test.reshape(2, *sk))
     if not torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max().clamp_min(1.0))):
         return None
     return SpatialOp(matrix, sk[1:], tuple(out_shape[1:]))
+
+
+@functools.lru_cache(maxsize=8)
+def _random_input(batch: int, p_in: int) -> torch.Tensor:
+    """The check's random input ``[2, batch, p_in]`` (seeded; one per shape: a Flatten probes
+    P maps of the same input, and drawing it each time cost more than the probes)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, batch, p_in, generator=gen, dtype=torch.float64)
+
+
+def _rows_by_adjoint(run: Callable, sk: tuple[int, ...], batch: int, p_in: int, p_out: int
+                     ) -> torch.Tensor | None:
+    """``M [P_out, P_in]`` from the adjoint when fewer positions come out than go in (a
+    Flatten's one-position selections: ⌈P_out/N⌉ rows instead of ⌈P_in/N⌉), the cotangents
+    of the output positions spread over the examples; None when ``fn`` has no gradient."""
+    rows = -(-p_out // batch)
+    try:
+        with torch.enable_grad():
+            u = torch.zeros(rows, *sk, dtype=torch.float64, requires_grad=True)
+            out = run(u)
+            cot = torch.zeros(rows * batch, p_out, dtype=torch.float64)
+            idx = torch.arange(p_out)
+            cot[idx, idx] = 1.0
+            (grad,) = torch.autograd.grad(out, u, cot.reshape(out.shape))
+    except (RuntimeError, TypeError):
+        return None
+    return grad.reshape(rows * batch, p_in)[:p_out].clone()  # not a view: it would keep all of grad

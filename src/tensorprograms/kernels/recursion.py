@@ -182,21 +182,26 @@ class _Plan:
             if ins.params:
                 raise NotApplicable(f"{g.name}: a LinComb with Scalar coefficients")
             shapes = [x.shape for x in ins.xs]
+            # Σ c_k x_k of equal shapes (P.lincomb): term k is c_k times the identity, no probing
+            # (a Flatten readout sums one term per position)
+            coefs = getattr(ins.fn, "coefficients", None)
+            if coefs is not None and any(s != g.shape for s in shapes):
+                coefs = None
             for k, x in enumerate(ins.xs):
                 inner_spatial, inner_dense = self._atoms(x)
                 if inner_spatial:
-                    op = probe(ins.fn, shapes, k, [], self.batch, g.shape)
-                    if op is None:
+                    op = None if coefs is not None else probe(ins.fn, shapes, k, [], self.batch, g.shape)
+                    if op is None and coefs is None:
                         raise NotApplicable(f"{g.name}: not a per-example map of positions")
                     for atom, m in inner_spatial.items():
-                        t = m.then(op)
+                        t = m.then(op) if coefs is None else m.scaled(coefs[k])
                         spatial[atom] = spatial[atom].plus(t) if atom in spatial else t
                 for atom, u in inner_dense.items():
-                    coefs = getattr(ins.fn, "coefficients", None)  # Program.lincomb: Σ c_k x_k
+                    lin = getattr(ins.fn, "coefficients", None)  # Program.lincomb: Σ c_k x_k
                     if isinstance(u, _Eye) and isinstance(ins.fn, MatrixMap):
                         t = ins.fn.matrix.T.reshape(u.n, *g.shape)  # fn(e_f) = A[:, f]: no probe
-                    elif coefs is not None and x.shape == g.shape and not isinstance(u, _Eye):
-                        t = u if coefs[k] == 1.0 else coefs[k] * u  # no pass through fn
+                    elif lin is not None and x.shape == g.shape and not isinstance(u, _Eye):
+                        t = u if lin[k] == 1.0 else lin[k] * u  # no pass through fn
                     else:
                         u = _dense(u)
                         args = [u if i == k else torch.zeros(u.shape[0], *s, dtype=torch.float64)
@@ -358,8 +363,8 @@ RELU = (((1.0, "relu"),), 0.0)
 
 def kernels_by_recursion(program: Program, output: Vector, batch: int,
                          weight: Callable[[object], float] | None, n1: int | None = None,
-                         block_entries: int = BLOCK_ENTRIES, ghosts=(), min_pairs: int = MIN_PAIRS
-                         ) -> tuple[torch.Tensor, ...]:
+                         block_entries: int = BLOCK_ENTRIES, ghosts=(), min_pairs: int = MIN_PAIRS,
+                         pairs: str | None = None) -> tuple[torch.Tensor, ...]:
     """``(K,)`` or ``(K, Θ)`` of ``output`` (finite shape ``(batch,)``), each ``[batch, batch]``,
     or ``[n1, batch - n1]`` (the rows ``< n1`` against the others) when ``n1`` is given.
 
@@ -367,11 +372,15 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
         weight: ``primitive -> float``, the NTK weight of a matrix or initial vector (None:
             NNGP only).
         block_entries, min_pairs: a block holds ``max(min_pairs, block_entries // P²)`` example
-            pairs (P: the most positions of any vector); memory is a few such blocks. Without
-            positions (P = 1) a block is a dense tile of ``√block_entries`` × ``√block_entries``
-            pairs, and the tiles are spread over torch's thread count (kernels/dense.py).
+            pairs (P: the most positions of any vector; with the needed pairs, P² is the most
+            pairs any vector needs); memory is a few such blocks. Without positions (P = 1) a
+            block is a dense tile of ``√block_entries`` × ``√block_entries`` pairs, and the
+            tiles are spread over torch's thread count (kernels/dense.py).
         ghosts: the lowering's ``(primitive, use, target, factor)`` for constant-initialized
             parameters (frontend/ntk.py): their stand-ins add ``weight·Cov`` to Θ only.
+        pairs: which position pairs to carry: "needed" (only those the output reads, e.g.
+            same-position pairs under a Flatten readout; needed.py), "all", or "auto" (the
+            needed ones when they are few); None: ``needed.MODE``. Equal values either way.
 
     Raises:
         NotApplicable: the program is outside the recursion (the engine handles it).
@@ -382,26 +391,40 @@ def kernels_by_recursion(program: Program, output: Vector, batch: int,
     if THREADS is not None:
         torch.set_num_threads(THREADS)
     try:
-        return _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, threads)
+        return _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, threads,
+                        pairs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, threads):
+def _kernels(program, output, batch, weight, n1, block_entries, ghosts, min_pairs, threads, pairs):
+    from .needed import needed_plan  # it builds on this module's steps
+
     plan = _Plan(program, output, batch, weight, ghosts)
     kinds = 2 if plan.ntk else 1
     p_max = max(math.prod(v.shape[1:]) for v in plan.order)
     if p_max == 1:  # no positions (MLPs): dense tiles of example pairs, on `threads` threads
         return dense.kernels(plan, batch, kinds, n1, threads, max(math.isqrt(block_entries), 1))
+    layers = sum(isinstance(s, _Act) for s in plan.steps.values())
+    needed = needed_plan(plan, batch, pairs)
+    if needed is not None:  # only the position pairs the output reads (needed.py)
+        per_block = max(min_pairs, block_entries // needed.entries, 1)
+        return _blocks(needed.evaluate, batch, kinds, n1, per_block, needed.entries * layers)
     per_block = max(min_pairs, block_entries // (p_max * p_max), 1)
     variances = {s.h: torch.zeros(batch, math.prod(s.h.shape[1:]), dtype=torch.float64)
                  for s in plan.steps.values() if isinstance(s, _Act)}
-    return _blocks(plan, batch, kinds, variances, n1, per_block, p_max)
+
+    def evaluate(left, right, store, compiled):
+        return _evaluate(plan, _Pairs(left, right), variances, store, compiled)
+
+    return _blocks(evaluate, batch, kinds, n1, per_block, p_max * p_max * layers)
 
 
-def _blocks(plan: _Plan, batch: int, kinds: int, variances: dict, n1: int | None, per_block: int,
-            p_max: int) -> tuple[torch.Tensor, ...]:
-    """Every block of example pairs: the same-example pairs first, then the others."""
+def _blocks(evaluate: Callable, batch: int, kinds: int, n1: int | None, per_block: int,
+            entries: int) -> tuple[torch.Tensor, ...]:
+    """Every block of example pairs: the same-example pairs first, then the others.
+    ``evaluate(left, right, store_variances, compiled) -> [kinds, E]``; ``entries``: covariance
+    entries per example pair times the layers (the entry-passes that decide compilation)."""
     with torch.no_grad():
         idx = torch.arange(batch)
         if n1 is None:
@@ -412,17 +435,16 @@ def _blocks(plan: _Plan, batch: int, kinds: int, variances: dict, n1: int | None
             result = torch.zeros(kinds, n1, batch - n1, dtype=torch.float64)
             left = torch.arange(n1).repeat_interleave(batch - n1)
             right = torch.arange(n1, batch).repeat(n1)
-        layers = sum(isinstance(s, _Act) for s in plan.steps.values())
-        compiled = fused.use_compiled((len(left) + batch) * p_max * p_max * layers)
+        compiled = fused.use_compiled((len(left) + batch) * entries)
         # the same-example pairs first: the variances every closed form needs
         for start in range(0, batch, per_block):
             rows = idx[start:start + per_block]
-            val = _evaluate(plan, _Pairs(rows, rows), variances, True, compiled)
+            val = evaluate(rows, rows, True, compiled)
             if n1 is None:
                 result[:, rows, rows] = val
         for start in range(0, len(left), per_block):
             lb, rb = left[start:start + per_block], right[start:start + per_block]
-            val = _evaluate(plan, _Pairs(lb, rb), variances, False, compiled)
+            val = evaluate(lb, rb, False, compiled)
             if n1 is None:
                 result[:, lb, rb] = val
                 result[:, rb, lb] = val

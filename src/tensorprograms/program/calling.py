@@ -10,6 +10,7 @@ The function must keep the batch dims and return ``(*batch, *F_out)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,20 @@ def call_full(
     return fn(*args, *params)
 
 
+@functools.lru_cache(maxsize=8)
+def _draws(seed: int, shapes: tuple[tuple[int, ...], ...]) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
+
+
+def standard_normal(seed: int, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Standard-normal probe inputs of ``shapes``, drawn in order from a generator seeded
+    with ``seed``: drawn once per (seed, shapes) and copied (a function may write into its
+    arguments). A Flatten lowers to one selection per position, each probed on inputs of
+    the same shape; drawing them anew each time cost more than the probes themselves."""
+    return [t.clone() for t in _draws(seed, tuple(tuple(s) for s in shapes))]
+
+
 def probe_output_shape(
     fn: Callable[..., torch.Tensor],
     vector_shapes: Sequence[tuple[int, ...]],
@@ -68,10 +83,10 @@ def probe_output_shape(
     Raises ProgramError when ``fn`` fails on tensors, returns a non-tensor, NaN on
     standard-normal inputs, or drops the leading batch dim.
     """
-    gen = torch.Generator().manual_seed(0)
+    draws = standard_normal(0, [(b, *s) for b in (2, 3) for s in vector_shapes])
     outs = []
-    for batch in (2, 3):
-        vecs = [torch.randn(batch, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
+    for i, batch in enumerate((2, 3)):
+        vecs = draws[i * len(vector_shapes):(i + 1) * len(vector_shapes)]
         try:
             out = call_full(fn, vecs, vector_shapes, params, nbatch=1)
         except Exception as exc:  # noqa: BLE001 - any failure of user code is reported the same way
@@ -186,9 +201,8 @@ def check_linear(
     params: Sequence[Any] = (),
 ) -> None:
     """Raise ProgramError unless ``fn`` is linear (a LinComb must keep Z Gaussian)."""
-    gen = torch.Generator().manual_seed(2)
-    u = [torch.randn(2, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
-    v = [torch.randn(2, *s, generator=gen, dtype=torch.float64) for s in vector_shapes]
+    draws = standard_normal(2, [(2, *s) for s in vector_shapes] * 2)
+    u, v = draws[:len(vector_shapes)], draws[len(vector_shapes):]
     a, b = 0.7, -1.3
     ps = list(params)
     lhs = call_full(fn, [a * x + b * y for x, y in zip(u, v, strict=False)], vector_shapes, ps, 1)
