@@ -224,3 +224,30 @@ def test_elementwise_detection_tolerates_nan_on_random_probes():
     t = P.moment(lambda u: u**2, x)
     y = P.nonlin(lambda u, s: u / torch.sqrt(s - 1.0), x, params=(t,))
     assert y.instruction.elementwise
+
+
+def test_selections_are_taken_without_probes(monkeypatch):
+    """A Gather (what a Flatten lowers to, one per position) is linear with a known output
+    shape by construction: LinComb and Nonlin take it without running it, and its values are
+    the selection's."""
+    from tensorprograms.program import calling
+
+    index = torch.tensor([5, 1, 1, 0])
+    sel = calling.Gather(index, (2, 3), (2, 2), "position")
+    u = torch.randn(7, 2, 3, dtype=torch.float64)
+    assert torch.equal(sel(u), u.reshape(7, 6)[:, index].reshape(7, 2, 2))
+    P = tp.Program()
+    g = P.vector("g", shape=(2, 3))
+    h = P.nonlin(torch.tanh, g)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr("tensorprograms.program.program.probe_output_shape", no_probe)
+    monkeypatch.setattr("tensorprograms.program.program.check_linear", no_probe)
+    monkeypatch.setattr("tensorprograms.program.program.is_linear", no_probe)
+    a, b = P.linear(sel, g), P.nonlin(sel, h)
+    assert a.shape == b.shape == (2, 2) and a.is_gaussian
+    assert b.instruction.linear and not b.instruction.elementwise
+    with pytest.raises(ValueError, match="4 indices for an output of shape"):
+        calling.Gather(index, (2, 3), (3,))

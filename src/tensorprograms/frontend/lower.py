@@ -19,7 +19,7 @@ from torch import fx
 from ..errors import UnsupportedOperation, WidthError
 from ..master import closed_form
 from ..program import functions as F
-from ..program.calling import MatrixMap
+from ..program.calling import Gather, MatrixMap
 from ..program.program import Program
 from ..program.variables import Scalar
 from .capture import Captured, source_line
@@ -751,13 +751,7 @@ def _reshape_vec(low: Lowering, node, x: Vec, op):
 
 def _gather_vec(low: Lowering, x: Vec, gather: torch.Tensor, out_f: tuple[int, ...], out_shape, axis, name):
     """Gather finite indices of x (a LinComb for G-vars, a Nonlin for H-vars)."""
-    nf = len(x.finite_shape)
-
-    def move(u, _g=gather, _f=out_f, _n=nf):
-        batch = u.shape[: u.ndim - _n]
-        return u.reshape(*batch, -1)[..., _g].reshape(*batch, *_f)
-
-    move.__name__ = name
+    move = Gather(gather, x.finite_shape, out_f, name)
     if x.var.is_gaussian:
         v = low.program.linear(move, x.var, label=f"{name}({x.var.name})")
     else:

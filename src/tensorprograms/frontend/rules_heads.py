@@ -122,6 +122,18 @@ def _from_codes(low: Lowering, codes: torch.Tensor, axis: int | None, var: Vecto
     return SplitVec(var, tuple(codes.shape), axis, P, Q, fidx, heads)
 
 
+def _heads_layout(cc: torch.Tensor, ff: torch.Tensor, k: int, M: int) -> bool:
+    """Whether width codes ``cc`` and finite codes ``ff`` (``[..., P, M, Q]``) hold M heads of k
+    consecutive coordinates, the head on the M axis and the coordinate within it elsewhere."""
+    c0 = cc[..., :1, :]
+    if not ((cc == c0 + k * torch.arange(M)[:, None]).all() and (ff == ff[..., :1, :]).all()):
+        return False
+    alpha0 = c0 % k
+    # the coordinate within a head must sit on another axis than the heads (otherwise this is
+    # a flatten of the width with finite dims: lower._merge)
+    return bool(((c0 // k) % M == 0).all() and (alpha0 == alpha0[..., :1, :, :1]).all())
+
+
 def split_decode(low: Lowering, codes: torch.Tensor, axis: int | None, N: int, var: Vector):
     """A torch layout of ``var``'s elements (codes ``f·N + c``, ``N`` its width at the small
     capture width) in which the width is split into heads of a fixed size k: the SplitVec of
@@ -133,10 +145,16 @@ def split_decode(low: Lowering, codes: torch.Tensor, axis: int | None, N: int, v
     if dims is None:
         return None
     moved = codes.movedim(axis, -1)
+    if moved.numel() == 0:
+        return None
     s = moved.shape[-1]
     s2 = dims.large[axis]
     w1, w2 = low.c.widths
-    f, c = moved // N, moved % N
+    # candidate layouts are tried on the first row along the other axes (a batch of rows is
+    # costly to test for every candidate), and a candidate that fits it on all rows
+    row = moved[(0,) * (moved.dim() - 1)]
+    fr, cr = row // N, row % N
+    f = c = None
     for PQ in range(1, s // 2 + 1):
         if s % PQ:
             continue
@@ -145,22 +163,20 @@ def split_decode(low: Lowering, codes: torch.Tensor, axis: int | None, N: int, v
             if PQ % P:
                 continue
             Q = PQ // P
-            cc = c.reshape(*c.shape[:-1], P, M, Q)
-            ff = f.reshape(*f.shape[:-1], P, M, Q)
-            k = int(cc[..., 1:2, :].reshape(-1)[0] - cc[..., 0:1, :].reshape(-1)[0])
+            cc, ff = cr.reshape(P, M, Q), fr.reshape(P, M, Q)
+            k = int(cc[0, 1, 0] - cc[0, 0, 0])
             if k < 2 or N % (M * k):  # k = 1 is a flatten of the width with finite dims (_merge)
-                continue
-            c0 = cc[..., :1, :]
-            if not ((cc == c0 + k * torch.arange(M)[:, None]).all() and (ff == ff[..., :1, :]).all()):
-                continue
-            alpha0 = c0 % k
-            if not ((c0 // k) % M == 0).all() or not (alpha0 == alpha0[..., :1, :, :1]).all():
-                # the coordinate within a head must sit on another axis than the heads
-                # (otherwise this is a flatten of the width with finite dims: lower._merge)
                 continue
             blocks = N // (M * k)
             # k must be the same at the large width (heads ∝ width, fixed head size)
             if s2 % PQ or (N * w2 // w1) != blocks * (s2 // PQ) * k:
+                continue
+            if not _heads_layout(cc, ff, k, M):
+                continue
+            if f is None:
+                f, c = moved // N, moved % N
+            if not _heads_layout(c.reshape(*c.shape[:-1], P, M, Q), f.reshape(*f.shape[:-1], P, M, Q),
+                                 k, M):
                 continue
             block = c // (M * k)
             if not (block == block.reshape(-1)[0]).all():

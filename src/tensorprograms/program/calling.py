@@ -11,6 +11,7 @@ The function must keep the batch dims and return ``(*batch, *F_out)``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,36 @@ class MatrixMap:
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return u @ self.matrix.T
+
+
+class Gather:
+    """The selection ``u -> u.reshape(*batch, -1)[..., index].reshape(*batch, *out_shape)`` of
+    one vector of finite shape ``in_shape``: linear, with a known output shape, by
+    construction. Programs take it without probing (a Flatten of P positions lowers to P
+    selections, and probing each on random inputs cost more than the kernels)."""
+
+    def __init__(self, index: torch.Tensor, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 name: str = "gather"):
+        self.index, self.in_shape, self.out_shape = index, tuple(in_shape), tuple(out_shape)
+        self.__name__ = name
+        if index.numel() != math.prod(self.out_shape):
+            raise ValueError(f"{name}: {index.numel()} indices for an output of shape {self.out_shape}")
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        batch = u.shape[: u.ndim - len(self.in_shape)]
+        return u.reshape(*batch, -1)[..., self.index].reshape(*batch, *self.out_shape)
+
+
+def known_linear_shape(fn: Callable, shapes: Sequence[tuple[int, ...]], params: Sequence[Any]):
+    """The output shape of a map that is linear by construction (MatrixMap, Gather) applied to
+    one vector of the shape it expects, else None (the caller probes)."""
+    if params or len(shapes) != 1:
+        return None
+    if isinstance(fn, MatrixMap) and tuple(shapes[0]) == (fn.matrix.shape[1],):
+        return (fn.matrix.shape[0],)
+    if isinstance(fn, Gather) and tuple(shapes[0]) == fn.in_shape:
+        return fn.out_shape
+    return None
 
 
 def call_full(

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ProgramError
 from . import languages
-from .calling import MatrixMap, check_linear, is_elementwise, is_linear, probe_output_shape
+from .calling import check_linear, is_elementwise, is_linear, known_linear_shape, probe_output_shape
 from .functions import function_name
 from .instructions import (
     InitMatrix,
@@ -267,9 +267,8 @@ class Program:
         _, ps = self._split_args((), params, where)
         shapes = [x.shape for x in xs]
         probe = self._probe_params(ps)
-        if isinstance(fn, MatrixMap) and len(xs) == 1 and shapes[0] == (fn.matrix.shape[1],) and not ps:
-            out_shape = (fn.matrix.shape[0],)  # linear by construction: no probes
-        else:
+        out_shape = known_linear_shape(fn, shapes, ps)  # linear by construction: no probes
+        if out_shape is None:
             out_shape = probe_output_shape(fn, shapes, probe, where)
             check_linear(fn, shapes, where, probe)
         out = Vector(self, self._fresh(name, "g"), out_shape, xs[0].ratio, "G")
@@ -350,6 +349,9 @@ class Program:
         self._check_same_width(vecs, where)
         shapes = [x.shape for x in vecs]
         probe_ps = self._probe_params(ps)
+        known = known_linear_shape(fn, shapes, ps)
+        if known is not None:  # a selection or matrix map: linear, not elementwise, no probes
+            return vecs, ps, shapes, known, bool(elementwise)
         out_shape = probe_output_shape(fn, shapes, probe_ps, where)
         if elementwise is None:
             elementwise = is_elementwise(fn, shapes, probe_ps, out_shape)
@@ -374,7 +376,7 @@ class Program:
             fn, xs, params, elementwise, f"{function_name(fn)}(…)", "Nonlin"
         )
         out = Vector(self, self._fresh(name, "x"), out_shape, vecs[0].ratio, "H")
-        linear = not ps and is_linear(fn, shapes)
+        linear = not ps and (known_linear_shape(fn, shapes, ps) is not None or is_linear(fn, shapes))
         ins = Nonlin(out, fn, tuple(vecs), tuple(ps), bool(elementwise), linear=linear)
         return self._append(ins)  # type: ignore[return-value]
 
