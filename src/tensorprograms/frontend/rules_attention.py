@@ -34,17 +34,12 @@ from ..program import functions as F
 from ..program.variables import Vector
 from .capture import source_line
 from .lower import APPLY_HOOKS, BUFFER_CONSUMERS, CHECKS, Lowering, _gather_vec, _scalar_expr, rule
-from .rules_heads import split_decode
+from .rules_heads import MOVE_OPS, split_decode
 from .values import Concat, Data, Merged, Param, ParamT, ParamTB, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
 
-SHAPE_OPS = (
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
-    aten.squeeze.dim, aten.squeeze.dims, aten.clone.default, aten.alias.default,
-    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.transpose.int,
-    aten.permute.default, aten.t.default,
-)
+SHAPE_OPS = MOVE_OPS  # ops that only move elements (rules_heads applies them to element codes)
 SCALE_OPS = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 
 

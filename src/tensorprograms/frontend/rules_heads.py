@@ -31,7 +31,7 @@ import torch
 
 from ..program.instructions import InitVector, LinComb, MatMul, Nonlin
 from ..program.variables import Vector
-from .lower import APPLY_HOOKS, FINALIZERS, Lowering, _tp_name, check_fan_in_scaling
+from .lower import APPLY_HOOKS, FINALIZERS, Lowering, _index, _tp_name, check_fan_in_scaling
 from .values import Data, Param, ParamT, Sca, Tuple_, Vec
 
 aten = torch.ops.aten
@@ -357,16 +357,7 @@ def _per_head_op(low: Lowering, node, args, kwargs) -> SplitVec:
     for a in args:
         if isinstance(a, SplitVec):
             fn, bs = a.expr if a.var is None else (None, (a,))
-            idx = []
-            for b in bs:
-                for i, e in enumerate(bases):
-                    if e is b:
-                        idx.append(i)
-                        break
-                else:
-                    bases.append(b)
-                    idx.append(len(bases) - 1)
-            slots.append(("vec", (fn, idx)))
+            slots.append(("vec", (fn, _index(bases, bs))))
         elif isinstance(a, Data):
             t = a.value
             al = t.reshape((1,) * (rank - t.ndim) + tuple(t.shape)) if t.ndim < rank else t
